@@ -1,0 +1,586 @@
+//! The HTTP API (hyper 1, HTTP/1.1) on the Unix socket and on TCP.
+//!
+//! Unix socket: every route; the peer's uid/gid (SO_PEERCRED) must be on the allow-list.
+//! TCP: `/metrics`, `/healthz`, `/readyz` for anyone; `/v1/*` only with the bearer token, and not
+//! at all without a token file. Bodies are bounded, reads are timed, and bad input gets a 400
+//! that names the field.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::app::{App, ConnectResponse, DisconnectRequest};
+use crate::config::ServerConfig;
+use crate::policy::{ConnectRequest, Reason};
+use crate::sessions::Selector;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// How long in-flight requests get to finish at shutdown.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A bearer token; its Debug output is masked.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// Reads a token file (trimmed; an empty file is an error).
+    pub fn read(path: &std::path::Path) -> Result<Token, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("{}: cannot read token file: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(format!(
+                "{}: token file is writable by every user; refusing it (chmod o-w)",
+                path.display()
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read token file: {e}", path.display()))?;
+        let t = text.trim();
+        if t.len() < 16 {
+            return Err(format!(
+                "{}: token must be at least 16 characters",
+                path.display()
+            ));
+        }
+        Ok(Token(t.to_string()))
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        let mut diff: u8 = 0;
+        for (i, w) in want.iter().enumerate() {
+            let p = presented.get(i).copied().unwrap_or(0);
+            diff |= w ^ p;
+        }
+        diff == 0 && want.len() == presented.len()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(****)")
+    }
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Unix,
+    Tcp,
+}
+
+/// The API's shared parts.
+pub struct Api {
+    app: Arc<App>,
+    server: ServerConfig,
+    token: Option<Token>,
+    ready: AtomicBool,
+}
+
+type Body = Full<Bytes>;
+
+impl Api {
+    /// Wraps the app.
+    pub fn new(app: Arc<App>, server: ServerConfig, token: Option<Token>) -> Arc<Api> {
+        Arc::new(Api {
+            app,
+            server,
+            token,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the daemon ready (every listener bound, state loaded).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    fn builder(&self) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.server.header_timeout)
+            .max_buf_size(MAX_BODY.max(8192) * 2)
+            .keep_alive(true);
+        b
+    }
+}
+
+fn peer_allowed(stream: &UnixStream, server: &ServerConfig) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let own = nix::unistd::geteuid().as_raw();
+    if uid == 0 || uid == own || server.peer_uids.contains(&uid) || server.peer_gids.contains(&gid)
+    {
+        Ok(())
+    } else {
+        Err(format!("peer uid {uid} gid {gid} is not on the allow-list"))
+    }
+}
+
+/// Serves the Unix socket until `shutdown` changes, then drains.
+pub async fn serve_unix(
+    listener: UnixListener,
+    api: Arc<Api>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(api.server.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(%e, "unix accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        if let Err(why) = peer_allowed(&stream, &api.server) {
+            tracing::warn!(%why, "unix socket peer refused");
+            continue;
+        }
+        let api2 = api.clone();
+        let svc = hyper::service::service_fn(move |req| handle(api2.clone(), Origin::Unix, req));
+        let conn = api.builder().serve_connection(TokioIo::new(stream), svc);
+        let fut = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = fut.await {
+                tracing::debug!(%e, "unix connection ended with an error");
+            }
+        });
+    }
+    drain(graceful).await;
+}
+
+/// Serves TCP until `shutdown` changes, then drains.
+pub async fn serve_tcp(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(api.server.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(%e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let api2 = api.clone();
+        let svc = hyper::service::service_fn(move |req| handle(api2.clone(), Origin::Tcp, req));
+        let conn = api.builder().serve_connection(TokioIo::new(stream), svc);
+        let fut = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = fut.await {
+                tracing::debug!(%e, "tcp connection ended with an error");
+            }
+        });
+    }
+    drain(graceful).await;
+}
+
+async fn drain(graceful: GracefulShutdown) {
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain deadline; closing them");
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json_response(status, &json!({ "error": message.into() }))
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+async fn handle(
+    api: Arc<Api>,
+    origin: Origin,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let resp = match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            api.app.metrics.render(),
+            "text/plain; version=0.0.4",
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        (&Method::GET, "/readyz") => {
+            if api.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "ready\n".into(), "text/plain")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "starting\n".into(),
+                    "text/plain",
+                )
+            }
+        }
+        (_, p) if p == "/v1" || p.starts_with("/v1/") => match authorize(&api, origin, &req) {
+            Ok(()) => v1(&api, req, &method, &path).await,
+            Err(resp) => resp,
+        },
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {method} {path}"),
+        ),
+    };
+    Ok(resp)
+}
+
+#[allow(clippy::result_large_err)] // the error is the response itself, built once
+fn authorize(api: &Api, origin: Origin, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    if origin == Origin::Unix {
+        return Ok(());
+    }
+    let Some(token) = &api.token else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "the /v1 API is served on TCP only with server.api_token_file; use the Unix socket",
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match presented {
+        Some(p) if token.matches(p) => Ok(()),
+        _ => {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+            Err(r)
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)] // the error is the response itself, built once
+async fn read_body(api: &Api, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        ));
+    }
+    let limited = Limited::new(req.into_body(), MAX_BODY);
+    match tokio::time::timeout(api.server.body_timeout, limited.collect()).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body did not arrive in time",
+        )),
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY} bytes"),
+                ))
+            } else {
+                Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read body: {e}"),
+                ))
+            }
+        }
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> Response<Body> {
+    match (method, path) {
+        (&Method::POST, "/v1/connect") => {
+            let body = match read_body(api, req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match parse_connect(&body) {
+                Ok(creq) => {
+                    let resp = api.app.connect(creq).await;
+                    json_response(status_of(&resp), &resp)
+                }
+                Err(message) => {
+                    let resp = ConnectResponse::deny(&crate::policy::Denial {
+                        reason: Reason::BadRequest,
+                        message,
+                    });
+                    api.app
+                        .record_decision(&ConnectRequest::default(), &resp, None);
+                    json_response(StatusCode::BAD_REQUEST, &resp)
+                }
+            }
+        }
+        (&Method::POST, "/v1/verify") => {
+            let body = match read_body(api, req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match parse_connect(&body) {
+                Ok(creq) => {
+                    let resp = api.app.verify(creq);
+                    json_response(status_of(&resp), &resp)
+                }
+                Err(m) => error(StatusCode::BAD_REQUEST, m),
+            }
+        }
+        (&Method::POST, "/v1/disconnect") => {
+            let body = match read_body(api, req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let dreq = match parse_disconnect(&body) {
+                Ok(d) => d,
+                Err(m) => return error(StatusCode::BAD_REQUEST, m),
+            };
+            match api.app.disconnect(&dreq).await {
+                Ok(Some(s)) => {
+                    json_response(StatusCode::OK, &json!({"result": "ended", "session": s}))
+                }
+                Ok(None) => json_response(
+                    StatusCode::OK,
+                    &json!({"result": "unknown", "message": "no live session matches; nothing to free"}),
+                ),
+                Err(m) => error(StatusCode::BAD_REQUEST, m),
+            }
+        }
+        (&Method::GET, "/v1/sessions") => {
+            let sessions = api.app.sessions.list();
+            json_response(
+                StatusCode::OK,
+                &json!({"count": sessions.len(), "sessions": sessions}),
+            )
+        }
+        (&Method::DELETE, p) if p.starts_with("/v1/sessions/") => {
+            let id = &p["/v1/sessions/".len()..];
+            if id.is_empty() || id.len() > 64 || id.contains('/') {
+                return error(StatusCode::BAD_REQUEST, "session id missing or malformed");
+            }
+            match api
+                .app
+                .kill(&Selector::Id(id.to_string()), "killed by operator")
+                .await
+            {
+                Some(s) => {
+                    json_response(StatusCode::OK, &json!({"result": "killed", "session": s}))
+                }
+                None => error(StatusCode::NOT_FOUND, format!("no live session {id}")),
+            }
+        }
+        (&Method::POST, "/v1/registry/reload") => match api.app.reload("api").await {
+            Ok((devices, users)) => json_response(
+                StatusCode::OK,
+                &json!({"result": "reloaded", "devices": devices, "users": users}),
+            ),
+            Err(e) => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload refused, previous registry kept: {e}"),
+            ),
+        },
+        (
+            _,
+            "/v1/connect"
+            | "/v1/verify"
+            | "/v1/disconnect"
+            | "/v1/sessions"
+            | "/v1/registry/reload",
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} not allowed on {path}"),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {method} {path}"),
+        ),
+    }
+}
+
+fn status_of(resp: &ConnectResponse) -> StatusCode {
+    match resp.reason {
+        None => StatusCode::OK,
+        Some(Reason::BadRequest) => StatusCode::BAD_REQUEST,
+        Some(_) => StatusCode::FORBIDDEN,
+    }
+}
+
+/// The string fields of a connect request.
+const CONNECT_FIELDS: [&str; 12] = [
+    "vpn",
+    "instance",
+    "zone",
+    "username",
+    "common_name",
+    "cert_sha256",
+    "cert_serial",
+    "hwaddr",
+    "platform",
+    "remote_addr",
+    "tunnel_ip",
+    "session_key",
+];
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err("body must be a JSON object".into()),
+    }
+}
+
+/// Parses a connect body; errors name the field.
+pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, String> {
+    let mut obj = json_object(body)?;
+    obj.retain(|_, v| !v.is_null());
+    for field in CONNECT_FIELDS {
+        if let Some(v) = obj.get(field)
+            && !v.is_string()
+        {
+            return Err(format!("field `{field}` must be a string"));
+        }
+    }
+    serde_json::from_value(Value::Object(obj)).map_err(|e| format!("invalid connect request: {e}"))
+}
+
+/// Parses a disconnect body; byte counts may be numbers or digit strings.
+pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
+    let obj = json_object(body)?;
+    let text = |k: &str| -> Result<String, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) if s.len() <= crate::policy::MAX_FIELD_LEN => Ok(s.clone()),
+            Some(Value::String(_)) => Err(format!("field `{k}` is too long")),
+            Some(_) => Err(format!("field `{k}` must be a string")),
+        }
+    };
+    let count = |k: &str| -> Result<Option<u64>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("field `{k}` must be a non-negative integer")),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("field `{k}` must be a non-negative integer")),
+            Some(_) => Err(format!("field `{k}` must be a non-negative integer")),
+        }
+    };
+    let d = DisconnectRequest {
+        session_id: text("session_id")?,
+        vpn: text("vpn")?,
+        instance: text("instance")?,
+        session_key: text("session_key")?,
+        bytes_received: count("bytes_received")?,
+        bytes_sent: count("bytes_sent")?,
+    };
+    d.selector()?;
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_name_the_field() {
+        assert!(
+            parse_connect(b"{\"vpn\": 5}")
+                .unwrap_err()
+                .contains("`vpn`")
+        );
+        assert!(parse_connect(b"[1]").unwrap_err().contains("object"));
+        assert!(parse_connect(b"{\"vpn\": \"openvpn\"").is_err());
+        assert!(parse_connect(&[0xff, 0xfe]).is_err());
+        let ok = parse_connect(b"{\"vpn\":\"openvpn\",\"zone\":null,\"extra\":1}").unwrap();
+        assert_eq!(ok.vpn, "openvpn");
+    }
+
+    #[test]
+    fn disconnect_accepts_string_counts() {
+        let d =
+            parse_disconnect(b"{\"session_id\":\"x\",\"bytes_received\":\"12\",\"bytes_sent\":3}")
+                .unwrap();
+        assert_eq!((d.bytes_received, d.bytes_sent), (Some(12), Some(3)));
+        assert!(parse_disconnect(b"{\"bytes_sent\":3}").is_err());
+        assert!(
+            parse_disconnect(b"{\"session_id\":\"x\",\"bytes_sent\":-3}")
+                .unwrap_err()
+                .contains("bytes_sent")
+        );
+    }
+
+    #[test]
+    fn token_compare() {
+        let t = Token("0123456789abcdef".into());
+        assert!(t.matches(b"0123456789abcdef"));
+        assert!(!t.matches(b"0123456789abcdeF"));
+        assert!(!t.matches(b"0123456789abcde"));
+        assert!(!t.matches(b"0123456789abcdef0"));
+        assert!(!t.matches(b""));
+        assert_eq!(format!("{t:?}"), "Token(****)");
+    }
+}

@@ -1,0 +1,335 @@
+//! The daemon's operations, shared by the HTTP API and the VPN integrations: connect,
+//! disconnect, kill, reload. Each records metrics and the audit log.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Audit, AuditRecord};
+use crate::metrics::Metrics;
+use crate::policy::{self, ConnectRequest, Denial, Reason};
+use crate::registry::Status;
+use crate::sessions::{Selector, Session, Sessions};
+use crate::state::{LoadError, State, unix_now};
+
+/// Address configuration pushed to an allowed client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ifconfig {
+    /// The client's tunnel address.
+    pub ip: IpAddr,
+    /// Netmask of the pool (IPv4) or prefix length form.
+    pub netmask: String,
+    /// Prefix length of the pool.
+    pub prefix_len: u8,
+}
+
+/// What to push to an allowed client.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Push {
+    /// Address from the zone's pool, where the zone has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ifconfig: Option<Ifconfig>,
+    /// Routes the device's clearance permits.
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
+}
+
+/// The answer to a connect (`POST /v1/connect`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectResponse {
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The reason code, on deny.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<Reason>,
+    /// One human sentence.
+    pub message: String,
+    /// The session id, on allow.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub session_id: Option<String>,
+    /// What to push, on allow.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub push: Option<Push>,
+}
+
+impl ConnectResponse {
+    /// A refusal.
+    pub fn deny(d: &Denial) -> ConnectResponse {
+        ConnectResponse {
+            decision: "deny".into(),
+            reason: Some(d.reason),
+            message: d.message.clone(),
+            session_id: None,
+            push: None,
+        }
+    }
+
+    /// Whether it allows.
+    pub fn allowed(&self) -> bool {
+        self.decision == "allow"
+    }
+}
+
+/// A disconnect (`POST /v1/disconnect`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DisconnectRequest {
+    /// pforte's session id.
+    pub session_id: String,
+    /// VPN kind (with instance and session_key, instead of session_id).
+    pub vpn: String,
+    /// Instance.
+    pub instance: String,
+    /// The VPN's key.
+    pub session_key: String,
+    /// Final bytes received from the client.
+    pub bytes_received: Option<u64>,
+    /// Final bytes sent to the client.
+    pub bytes_sent: Option<u64>,
+}
+
+impl DisconnectRequest {
+    /// The session it names, or why it names none.
+    pub fn selector(&self) -> Result<Selector, String> {
+        if !self.session_id.is_empty() {
+            return Ok(Selector::Id(self.session_id.clone()));
+        }
+        if self.vpn.is_empty() || self.session_key.is_empty() {
+            return Err("give `session_id`, or `vpn`, `instance` and `session_key`".to_string());
+        }
+        Ok(Selector::Key {
+            vpn: self.vpn.clone(),
+            instance: self.instance.clone(),
+            session_key: self.session_key.clone(),
+        })
+    }
+}
+
+/// The daemon's shared parts.
+pub struct App {
+    /// Rules and registry.
+    pub state: Arc<State>,
+    /// Live sessions.
+    pub sessions: Arc<Sessions>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Audit log.
+    pub audit: Option<Audit>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl App {
+    /// Assembles the parts.
+    pub fn new(
+        state: Arc<State>,
+        sessions: Arc<Sessions>,
+        metrics: Metrics,
+        audit: Option<Audit>,
+    ) -> Arc<App> {
+        Arc::new(App {
+            state,
+            sessions,
+            metrics,
+            audit,
+            reload_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Decides a connect, registers the session on allow, records metrics and audit.
+    pub async fn connect(&self, mut req: ConnectRequest) -> ConnectResponse {
+        let started = Instant::now();
+        let snap = self.state.current();
+        if req.zone.is_empty()
+            && let Some(zone) = snap.instance_zones.get(&req.instance)
+        {
+            req.zone = zone.clone();
+        }
+        let today = chrono::Utc::now().date_naive();
+        let outcome = match policy::evaluate(&req, &snap.rules, &snap.registry, today) {
+            Ok(adm) => self
+                .sessions
+                .admit(&adm, &req, &snap.rules.capacity, unix_now())
+                .await
+                .map(|s| (adm, s)),
+            Err(d) => Err(d),
+        };
+        let response = match &outcome {
+            Ok((adm, session)) => ConnectResponse {
+                decision: "allow".into(),
+                reason: None,
+                message: format!(
+                    "Device {} admitted to zone {} for user {}.",
+                    adm.device_id, adm.zone, adm.username
+                ),
+                session_id: Some(session.id.clone()),
+                push: Some(Push {
+                    ifconfig: ifconfig(session, adm.pool),
+                    routes: adm.routes.clone(),
+                }),
+            },
+            Err(d) => ConnectResponse::deny(d),
+        };
+        self.record_decision(&req, &response, outcome.as_ref().ok().map(|(_, s)| s));
+        self.metrics
+            .decision_duration
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    /// The device checks alone, for OpenVPN's tls-verify phase (no hardware address yet, no
+    /// session). Refusals are counted and audited as decisions; a pass is not (the
+    /// client-connect that follows decides).
+    pub fn verify(&self, mut req: ConnectRequest) -> ConnectResponse {
+        let snap = self.state.current();
+        if req.zone.is_empty()
+            && let Some(zone) = snap.instance_zones.get(&req.instance)
+        {
+            req.zone = zone.clone();
+        }
+        let today = chrono::Utc::now().date_naive();
+        let outcome = policy::validate_request(&req).and_then(|()| {
+            policy::check_device(&req, &snap.rules, &snap.registry, today, false).map(|_| ())
+        });
+        match outcome {
+            Ok(()) => ConnectResponse {
+                decision: "allow".into(),
+                reason: None,
+                message: "Device checks passed.".into(),
+                session_id: None,
+                push: None,
+            },
+            Err(d) => {
+                let resp = ConnectResponse::deny(&d);
+                self.record_decision(&req, &resp, None);
+                resp
+            }
+        }
+    }
+
+    /// Counts and audits a decision (also for requests that never reached the policy).
+    pub fn record_decision(
+        &self,
+        req: &ConnectRequest,
+        resp: &ConnectResponse,
+        session: Option<&Session>,
+    ) {
+        let reason = resp.reason.map(Reason::as_str).unwrap_or("allowed");
+        self.metrics
+            .decisions
+            .with_label_values(&[resp.decision.as_str(), reason])
+            .inc();
+        if let Some(audit) = &self.audit {
+            audit.record(&AuditRecord::decision(req, resp, session), &self.metrics);
+        }
+    }
+
+    /// Ends a session reported gone by the VPN server. `None`: unknown (answered, not an
+    /// error: OpenVPN also runs client-disconnect after a refused client-connect).
+    pub async fn disconnect(&self, req: &DisconnectRequest) -> Result<Option<Session>, String> {
+        let sel = req.selector()?;
+        let bytes = match (req.bytes_received, req.bytes_sent) {
+            (Some(rx), Some(tx)) => Some((rx, tx)),
+            (Some(rx), None) => Some((rx, 0)),
+            (None, Some(tx)) => Some((0, tx)),
+            (None, None) => None,
+        };
+        let ended = self.sessions.end(&sel, bytes, unix_now()).await;
+        match &ended {
+            Some(s) => tracing::debug!(session = %s.id, "session ended"),
+            None => {
+                tracing::info!(selector = ?sel, "disconnect for an unknown session (refused connect or repeat)")
+            }
+        }
+        if let (Some(audit), Some(s)) = (&self.audit, &ended) {
+            audit.record(&AuditRecord::end(s, "disconnect"), &self.metrics);
+        }
+        Ok(ended)
+    }
+
+    /// Ends a session and asks its VPN server to drop the client.
+    pub async fn kill(&self, sel: &Selector, why: &str) -> Option<Session> {
+        let s = self.sessions.kill(sel, why, unix_now()).await?;
+        tracing::info!(session = %s.id, why, "session killed");
+        if let Some(audit) = &self.audit {
+            audit.record(&AuditRecord::end(&s, why), &self.metrics);
+        }
+        Some(s)
+    }
+
+    /// Reloads config and registry; on success ends sessions whose device is no longer
+    /// registered and active. On failure the old state stays and the failure is counted.
+    pub async fn reload(self: &Arc<Self>, trigger: &str) -> Result<(usize, usize), LoadError> {
+        let _guard = self.reload_lock.lock().await;
+        let state = self.state.clone();
+        let result = tokio::task::spawn_blocking(move || state.reload())
+            .await
+            .unwrap_or_else(|e| {
+                Err(LoadError::Registry(
+                    crate::registry::RegistryError::Invalid {
+                        file: "-".into(),
+                        line: 0,
+                        problem: format!("reload task failed: {e}"),
+                    },
+                ))
+            });
+        match result {
+            Ok(snap) => {
+                self.metrics.apply_rules(&snap.rules);
+                self.metrics.apply_registry(&snap.registry, snap.loaded_at);
+                self.sessions.set_pools(
+                    snap.rules
+                        .zones
+                        .values()
+                        .filter_map(|z| z.pool.map(|p| (z.name.clone(), p))),
+                );
+                let devices = snap.registry.devices().len();
+                let users = snap.registry.user_count();
+                tracing::info!(trigger, devices, users, "registry reloaded");
+                self.revoke_sessions().await;
+                Ok((devices, users))
+            }
+            Err(e) => {
+                self.state.mark_seen();
+                self.metrics.registry_reload_failures.inc();
+                tracing::error!(trigger, error = %e, "reload failed; the previous registry stays in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends live sessions whose device is gone from the registry or no longer active.
+    async fn revoke_sessions(&self) {
+        let snap = self.state.current();
+        let revoked: Vec<(Session, String)> = self
+            .sessions
+            .list()
+            .into_iter()
+            .filter_map(|s| {
+                let why = match snap.registry.device_by_id(&s.device_id) {
+                    None => "device removed from the registry".to_string(),
+                    Some(d) if d.status != Status::Active => {
+                        format!("device marked {}", d.status.as_str())
+                    }
+                    Some(_) => return None,
+                };
+                Some((s, why))
+            })
+            .collect();
+        for (s, why) in revoked {
+            self.kill(&Selector::Id(s.id.clone()), &why).await;
+        }
+    }
+}
+
+fn ifconfig(session: &Session, pool: Option<IpNet>) -> Option<Ifconfig> {
+    let pool = pool?;
+    let ip = session.tunnel_ip.filter(|_| session.pool_ip)?;
+    Some(Ifconfig {
+        ip,
+        netmask: pool.netmask().to_string(),
+        prefix_len: pool.prefix_len(),
+    })
+}

@@ -1,0 +1,26 @@
+//! pforte: the gate next to a VPN concentrator.
+//!
+//! The VPN server asks pforte, on every connection, whether this device and this person may come
+//! in. pforte refuses private, unregistered, unencrypted, unpatched or blocked devices, enforces
+//! data-protection levels and capacity, keeps the live session table (persisted in SQLite), and
+//! exports session and bandwidth figures to Prometheus.
+//!
+//! The crate is a library with a thin `main`: each module is one concern.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod bandwidth;
+pub mod check;
+pub mod client;
+pub mod config;
+pub mod hook;
+pub mod metrics;
+pub mod policy;
+pub mod registry;
+pub mod serve;
+pub mod sessions;
+pub mod state;
+pub mod store;
+pub mod vpn;

@@ -1,0 +1,220 @@
+//! The `pforte` command: parses the command line, sets up logging, calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use pforte::{check, config, hook, serve, vpn::openvpn::HookSettings};
+
+#[derive(Parser)]
+#[command(
+    name = "pforte",
+    version,
+    about = "The gate next to a VPN concentrator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = "/etc/pforte/pforte.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and its registry; exit non-zero naming file, key and problem.
+    CheckConfig {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Explain a decision without connecting (for the help desk).
+    Check {
+        /// Config file.
+        #[arg(long, default_value = "/etc/pforte/pforte.toml")]
+        config: PathBuf,
+        /// Certificate SHA-256 fingerprint (hex, with or without colons).
+        #[arg(long)]
+        cert_sha256: Option<String>,
+        /// Certificate serial (decimal, or hex with colons).
+        #[arg(long)]
+        cert_serial: Option<String>,
+        /// User name.
+        #[arg(long)]
+        user: String,
+        /// Zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Hardware address reported by the client.
+        #[arg(long)]
+        hwaddr: Option<String>,
+    },
+    /// Run as a VPN server's hook script.
+    Hook {
+        #[command(subcommand)]
+        vpn: HookKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum HookKind {
+    /// OpenVPN tls-verify / client-connect / client-disconnect script.
+    Openvpn {
+        /// The daemon's Unix socket.
+        #[arg(long, env = "PFORTE_SOCKET", default_value = "/run/pforte/pforte.sock")]
+        socket: PathBuf,
+        /// Zone of this OpenVPN instance.
+        #[arg(long, env = "PFORTE_ZONE", default_value = "")]
+        zone: String,
+        /// Name of this OpenVPN instance.
+        #[arg(long, env = "PFORTE_INSTANCE", default_value = "openvpn")]
+        instance: String,
+        /// Time allowed for the daemon's answer, e.g. 2s or 500ms.
+        #[arg(long, env = "PFORTE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Admit when the daemon cannot be asked (dangerous; the default refuses).
+        #[arg(long)]
+        fail_open: bool,
+        /// Arguments OpenVPN appends.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("`{s}` is not a duration like 2s or 500ms")),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PFORTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Hook { vpn } => {
+            let HookKind::Openvpn {
+                socket,
+                zone,
+                instance,
+                timeout,
+                fail_open,
+                args,
+            } = vpn;
+            let opts = hook::HookOptions {
+                socket,
+                settings: HookSettings { instance, zone },
+                timeout,
+                fail_open,
+                args,
+            };
+            ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8)
+        }
+        Command::Check {
+            config,
+            cert_sha256,
+            cert_serial,
+            user,
+            zone,
+            hwaddr,
+        } => {
+            let args = check::CheckArgs {
+                config,
+                cert_sha256,
+                cert_serial,
+                user,
+                zone,
+                hwaddr,
+            };
+            ExitCode::from(check::run(&args) as u8)
+        }
+        Command::CheckConfig { config } => match config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                pforte::state::build(&c)
+                    .map_err(|e| e.to_string())
+                    .map(|s| (c, s))
+            }) {
+            Ok((c, s)) => {
+                println!(
+                    "{}: valid ({} devices, {} users, {} zones, {} org units)",
+                    c.source.display(),
+                    s.registry.devices().len(),
+                    s.registry.user_count(),
+                    c.rules.zones.len(),
+                    c.rules.org_units.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => {
+            init_tracing();
+            match serve_main(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("pforte serve: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve_main(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::load(path)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listeners = serve::bind(&config.server).await?;
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        // One signal loop, registered once: TERM/INT drain and exit, HUP reloads.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => { let _ = reload_tx.try_send(()); }
+                }
+            }
+            let _ = shutdown_tx.send(true);
+        });
+        let control = serve::Control {
+            shutdown: shutdown_rx,
+            reload: reload_rx,
+        };
+        serve::run(config, listeners, control).await?;
+        Ok(())
+    })
+}

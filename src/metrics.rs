@@ -1,0 +1,294 @@
+//! Prometheus metrics in our own registry. Labels come only from a bounded set fixed by the
+//! config (zone, org unit, reason, decision, link, instance, ownership, status): never a
+//! username, device id, address or certificate.
+//!
+//! Aggregates are kept incrementally, so a scrape costs the same with 100 or 100,000 sessions.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::Rules;
+use crate::policy::Reason;
+use crate::registry::{Ownership, Status};
+
+/// Every metric pforte exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Decisions by decision and reason.
+    pub decisions: IntCounterVec,
+    /// Time from request to decision.
+    pub decision_duration: Histogram,
+    /// Live sessions by zone and org unit.
+    pub sessions: IntGaugeVec,
+    /// All seats.
+    pub seats_capacity: IntGauge,
+    /// Reserved seats.
+    pub seats_reserved: IntGauge,
+    /// Seats in use.
+    pub seats_used: IntGauge,
+    /// Quota per org unit.
+    pub org_unit_quota: IntGaugeVec,
+    /// Registry devices by ownership and status.
+    pub registry_devices: IntGaugeVec,
+    /// Registry users.
+    pub registry_users: IntGauge,
+    /// Unix time of the last successful registry load.
+    pub registry_last_success: IntGauge,
+    /// Failed registry reloads.
+    pub registry_reload_failures: IntCounter,
+    /// Bytes received from clients, by zone and org unit.
+    pub session_received_bytes: IntCounterVec,
+    /// Bytes sent to clients, by zone and org unit.
+    pub session_sent_bytes: IntCounterVec,
+    /// Session duration at its end, by zone.
+    pub session_duration: HistogramVec,
+    /// Link receive bytes.
+    pub link_receive_bytes: IntCounterVec,
+    /// Link transmit bytes.
+    pub link_transmit_bytes: IntCounterVec,
+    /// Link speed.
+    pub link_speed: IntGaugeVec,
+    /// Link present.
+    pub link_up: IntGaugeVec,
+    /// Failed writes to the session store.
+    pub store_errors: IntCounter,
+    /// Store writable (1) or failing (0).
+    pub store_healthy: IntGauge,
+    /// Management interface connected, by instance.
+    pub openvpn_management_connected: IntGaugeVec,
+    /// Sessions ended because the VPN server no longer had them, by instance.
+    pub sessions_reaped: IntCounterVec,
+    /// Audit log write failures.
+    pub audit_errors: IntCounter,
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let m = IntGauge::new(name, help)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let m = IntCounter::new(name, help)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let r = Registry::new();
+        let build = gauge_vec(&r, "pforte_build_info", "Build information.", &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let decision_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pforte_decision_duration_seconds",
+                "Time from a connect request's arrival to its decision.",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 0.5, 1.0,
+            ]),
+        )?;
+        r.register(Box::new(decision_duration.clone()))?;
+        let session_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pforte_session_duration_seconds",
+                "Duration of ended sessions.",
+            )
+            .buckets(vec![
+                60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0,
+            ]),
+            &["zone"],
+        )?;
+        r.register(Box::new(session_duration.clone()))?;
+        Ok(Metrics {
+            decisions: counter_vec(
+                &r,
+                "pforte_decisions_total",
+                "Connect decisions by decision and reason.",
+                &["decision", "reason"],
+            )?,
+            decision_duration,
+            sessions: gauge_vec(
+                &r,
+                "pforte_sessions",
+                "Live sessions.",
+                &["zone", "org_unit"],
+            )?,
+            seats_capacity: gauge(&r, "pforte_seats_capacity", "VPN seats in all.")?,
+            seats_reserved: gauge(
+                &r,
+                "pforte_seats_reserved",
+                "Seats only priority org units may use.",
+            )?,
+            seats_used: gauge(&r, "pforte_seats_used", "Seats in use.")?,
+            org_unit_quota: gauge_vec(
+                &r,
+                "pforte_org_unit_quota",
+                "Concurrent-session quota of an org unit (0: none).",
+                &["org_unit"],
+            )?,
+            registry_devices: gauge_vec(
+                &r,
+                "pforte_registry_devices",
+                "Registered devices.",
+                &["ownership", "status"],
+            )?,
+            registry_users: gauge(&r, "pforte_registry_users", "Registered users.")?,
+            registry_last_success: gauge(
+                &r,
+                "pforte_registry_last_success_timestamp_seconds",
+                "Unix time of the last successful registry load.",
+            )?,
+            registry_reload_failures: counter(
+                &r,
+                "pforte_registry_reload_failures_total",
+                "Registry or config reloads refused because a file was invalid.",
+            )?,
+            session_received_bytes: counter_vec(
+                &r,
+                "pforte_session_received_bytes_total",
+                "Bytes the VPN server received from clients.",
+                &["zone", "org_unit"],
+            )?,
+            session_sent_bytes: counter_vec(
+                &r,
+                "pforte_session_sent_bytes_total",
+                "Bytes the VPN server sent to clients.",
+                &["zone", "org_unit"],
+            )?,
+            session_duration,
+            link_receive_bytes: counter_vec(
+                &r,
+                "pforte_link_receive_bytes_total",
+                "Bytes received on a link.",
+                &["link"],
+            )?,
+            link_transmit_bytes: counter_vec(
+                &r,
+                "pforte_link_transmit_bytes_total",
+                "Bytes transmitted on a link.",
+                &["link"],
+            )?,
+            link_speed: gauge_vec(
+                &r,
+                "pforte_link_speed_bytes_per_second",
+                "Nominal link speed.",
+                &["link"],
+            )?,
+            link_up: gauge_vec(
+                &r,
+                "pforte_link_up",
+                "1 if the link's interface exists.",
+                &["link"],
+            )?,
+            store_errors: counter(
+                &r,
+                "pforte_store_errors_total",
+                "Failed writes to the session store.",
+            )?,
+            store_healthy: gauge(
+                &r,
+                "pforte_store_healthy",
+                "1 while the session store accepts writes.",
+            )?,
+            openvpn_management_connected: gauge_vec(
+                &r,
+                "pforte_openvpn_management_connected",
+                "1 while connected to the OpenVPN management interface.",
+                &["instance"],
+            )?,
+            sessions_reaped: counter_vec(
+                &r,
+                "pforte_sessions_reaped_total",
+                "Sessions ended because the VPN server no longer had them.",
+                &["instance"],
+            )?,
+            audit_errors: counter(
+                &r,
+                "pforte_audit_errors_total",
+                "Audit log writes that failed.",
+            )?,
+            registry: r,
+        })
+    }
+
+    /// Creates every labelled series the rules make possible, at zero, and sets the capacity
+    /// gauges. Called at start and after every reload.
+    pub fn apply_rules(&self, rules: &Rules) {
+        for reason in Reason::ALL {
+            self.decisions.with_label_values(&["deny", reason.as_str()]);
+        }
+        self.decisions.with_label_values(&["allow", "allowed"]);
+        self.seats_capacity
+            .set(i64::from(rules.capacity.max_sessions));
+        self.seats_reserved
+            .set(i64::from(rules.capacity.reserved_seats));
+        for ou in rules.org_units.values() {
+            self.org_unit_quota
+                .with_label_values(&[&ou.name])
+                .set(i64::from(ou.quota));
+        }
+        for zone in rules.zones.keys() {
+            self.session_duration.with_label_values(&[zone]);
+            for ou in rules.org_units.keys() {
+                self.sessions.with_label_values(&[zone, ou]);
+                self.session_received_bytes.with_label_values(&[zone, ou]);
+                self.session_sent_bytes.with_label_values(&[zone, ou]);
+            }
+        }
+    }
+
+    /// Sets the registry gauges.
+    pub fn apply_registry(&self, registry: &crate::registry::Registry, loaded_at_unix: i64) {
+        let mut counts = std::collections::HashMap::new();
+        for d in registry.devices() {
+            *counts.entry((d.ownership, d.status)).or_insert(0i64) += 1;
+        }
+        for o in [Ownership::Service, Ownership::Private] {
+            for s in Status::ALL {
+                self.registry_devices
+                    .with_label_values(&[o.as_str(), s.as_str()])
+                    .set(counts.get(&(o, s)).copied().unwrap_or(0));
+            }
+        }
+        self.registry_users.set(registry.user_count() as i64);
+        self.registry_last_success.set(loaded_at_unix);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,555 @@
+//! The decision: a connect request, the rules and the registry in; an admission or a denial with
+//! its reason out. No I/O here, so it can be tested and fuzzed alone. Capacity is checked
+//! separately ([`check_capacity`]) under the session table's lock, so admission is atomic.
+
+use std::net::{IpAddr, SocketAddr};
+
+use chrono::NaiveDate;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Capacity, PrivateDevices, Rules};
+use crate::registry::{
+    Device, HwAddr, Ownership, Registry, Status, normalize_serial, parse_sha256,
+};
+
+/// Why a connection was refused. The snake_case codes are a contract (README, metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Required fields missing or malformed.
+    BadRequest,
+    /// No registry entry for the certificate.
+    UnregisteredDevice,
+    /// Registered hardware address does not match.
+    DeviceMismatch,
+    /// A private device.
+    PrivateDevice,
+    /// Lost, stolen, retired or blocked.
+    DeviceBlocked,
+    /// Disk encryption not recorded.
+    NotEncrypted,
+    /// Last patch too old.
+    PatchOverdue,
+    /// User unknown and no default org unit.
+    UnknownUser,
+    /// Device assigned to other users.
+    UserNotAssigned,
+    /// Level above the remote ceiling without exception.
+    RemoteWorkNotPermitted,
+    /// Device cleared for a lower level.
+    DeviceClearance,
+    /// Zone not configured.
+    UnknownZone,
+    /// All seats taken.
+    CapacityFull,
+    /// Org unit quota used up.
+    OrgUnitQuota,
+    /// User has the maximum number of sessions.
+    UserSessionLimit,
+    /// The session store cannot record the session and the fail mode is closed.
+    StoreUnavailable,
+}
+
+impl Reason {
+    /// Every reason, in the order the checks run.
+    pub const ALL: [Reason; 16] = [
+        Reason::BadRequest,
+        Reason::UnregisteredDevice,
+        Reason::DeviceMismatch,
+        Reason::PrivateDevice,
+        Reason::DeviceBlocked,
+        Reason::NotEncrypted,
+        Reason::PatchOverdue,
+        Reason::UnknownUser,
+        Reason::UserNotAssigned,
+        Reason::RemoteWorkNotPermitted,
+        Reason::DeviceClearance,
+        Reason::UnknownZone,
+        Reason::CapacityFull,
+        Reason::OrgUnitQuota,
+        Reason::UserSessionLimit,
+        Reason::StoreUnavailable,
+    ];
+
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadRequest => "bad_request",
+            Reason::UnregisteredDevice => "unregistered_device",
+            Reason::DeviceMismatch => "device_mismatch",
+            Reason::PrivateDevice => "private_device",
+            Reason::DeviceBlocked => "device_blocked",
+            Reason::NotEncrypted => "not_encrypted",
+            Reason::PatchOverdue => "patch_overdue",
+            Reason::UnknownUser => "unknown_user",
+            Reason::UserNotAssigned => "user_not_assigned",
+            Reason::RemoteWorkNotPermitted => "remote_work_not_permitted",
+            Reason::DeviceClearance => "device_clearance",
+            Reason::UnknownZone => "unknown_zone",
+            Reason::CapacityFull => "capacity_full",
+            Reason::OrgUnitQuota => "org_unit_quota",
+            Reason::UserSessionLimit => "user_session_limit",
+            Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal: the code and one human sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The code.
+    pub reason: Reason,
+    /// One sentence a help desk can read out.
+    pub message: String,
+}
+
+fn deny(reason: Reason, message: impl Into<String>) -> Denial {
+    Denial {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The VPN kinds pforte knows.
+pub const VPN_KINDS: [&str; 4] = ["openvpn", "strongswan", "ocserv", "other"];
+
+/// Longest accepted value of any request field.
+pub const MAX_FIELD_LEN: usize = 1024;
+
+/// What the VPN knows about a connection (`POST /v1/connect`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ConnectRequest {
+    /// openvpn | strongswan | ocserv | other.
+    pub vpn: String,
+    /// VPN server instance.
+    pub instance: String,
+    /// Zone asked for.
+    pub zone: String,
+    /// Login name (falls back to the certificate common name).
+    pub username: String,
+    /// Certificate common name.
+    pub common_name: String,
+    /// Certificate SHA-256 fingerprint.
+    pub cert_sha256: String,
+    /// Certificate serial.
+    pub cert_serial: String,
+    /// Hardware address reported by the client.
+    pub hwaddr: String,
+    /// Client platform.
+    pub platform: String,
+    /// Real remote address, ip:port.
+    pub remote_addr: String,
+    /// Tunnel address the VPN picked.
+    pub tunnel_ip: String,
+    /// The VPN's own key for the session.
+    pub session_key: String,
+}
+
+impl ConnectRequest {
+    /// The user's identity: the login name, else the certificate common name.
+    pub fn identity(&self) -> &str {
+        if self.username.is_empty() {
+            &self.common_name
+        } else {
+            &self.username
+        }
+    }
+}
+
+/// What an allowed connection gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The device's inventory id.
+    pub device_id: String,
+    /// The user.
+    pub username: String,
+    /// The user's org unit.
+    pub org_unit: String,
+    /// The user's effective data-protection level.
+    pub level: u8,
+    /// The zone.
+    pub zone: String,
+    /// The org unit may use reserved seats.
+    pub priority: bool,
+    /// The org unit's quota (zero: none).
+    pub quota: u32,
+    /// The zone's address pool.
+    pub pool: Option<IpNet>,
+    /// Routes the device's clearance permits.
+    pub routes: Vec<IpNet>,
+}
+
+/// Checks the request's fields; the first problem names the field.
+pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
+    let fields = [
+        ("vpn", &req.vpn),
+        ("instance", &req.instance),
+        ("zone", &req.zone),
+        ("username", &req.username),
+        ("common_name", &req.common_name),
+        ("cert_sha256", &req.cert_sha256),
+        ("cert_serial", &req.cert_serial),
+        ("hwaddr", &req.hwaddr),
+        ("platform", &req.platform),
+        ("remote_addr", &req.remote_addr),
+        ("tunnel_ip", &req.tunnel_ip),
+        ("session_key", &req.session_key),
+    ];
+    for (name, value) in fields {
+        if value.len() > MAX_FIELD_LEN {
+            return Err(deny(
+                Reason::BadRequest,
+                format!("Field `{name}` is longer than {MAX_FIELD_LEN} bytes."),
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(deny(
+                Reason::BadRequest,
+                format!("Field `{name}` contains control characters."),
+            ));
+        }
+    }
+    if !VPN_KINDS.contains(&req.vpn.as_str()) {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `vpn` must be one of openvpn, strongswan, ocserv, other.",
+        ));
+    }
+    if req.zone.is_empty() {
+        return Err(deny(Reason::BadRequest, "Field `zone` is missing."));
+    }
+    if req.identity().is_empty() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Neither `username` nor `common_name` is given.",
+        ));
+    }
+    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `cert_sha256` is missing: the device cannot be identified.",
+        ));
+    }
+    if !req.cert_sha256.is_empty() && parse_sha256(&req.cert_sha256).is_none() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `cert_sha256` is not a SHA-256 fingerprint (64 hex digits).",
+        ));
+    }
+    if !req.cert_serial.is_empty() && normalize_serial(&req.cert_serial).is_none() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `cert_serial` is not a decimal or colon-separated hex serial.",
+        ));
+    }
+    if !req.hwaddr.is_empty() && HwAddr::parse(&req.hwaddr).is_none() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `hwaddr` is not a hardware address like aa:bb:cc:dd:ee:ff.",
+        ));
+    }
+    if !req.remote_addr.is_empty()
+        && req.remote_addr.parse::<SocketAddr>().is_err()
+        && req.remote_addr.parse::<IpAddr>().is_err()
+    {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `remote_addr` is not an ip:port address.",
+        ));
+    }
+    if !req.tunnel_ip.is_empty() && req.tunnel_ip.parse::<IpAddr>().is_err() {
+        return Err(deny(
+            Reason::BadRequest,
+            "Field `tunnel_ip` is not an IP address.",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs every check but capacity, in the documented order. `today` is the UTC date.
+pub fn evaluate(
+    req: &ConnectRequest,
+    rules: &Rules,
+    registry: &Registry,
+    today: NaiveDate,
+) -> Result<Admission, Denial> {
+    validate_request(req)?;
+    let device = check_device(req, rules, registry, today, true)?;
+    check_person(req, rules, registry, device)
+}
+
+/// The device checks alone (registered, hardware address, private, status, encryption,
+/// patch), for OpenVPN's tls-verify phase, where the client has not yet reported its hardware
+/// address: with `hwaddr_reported = false` a missing address is not a mismatch.
+pub fn check_device<'r>(
+    req: &ConnectRequest,
+    rules: &Rules,
+    registry: &'r Registry,
+    today: NaiveDate,
+    hwaddr_reported: bool,
+) -> Result<&'r Device, Denial> {
+    let policy = &rules.policy;
+    let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
+    let device = match by_fp {
+        Some(d) => d,
+        None => {
+            let by_serial = if policy.match_serial {
+                normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
+            } else {
+                None
+            };
+            by_serial.ok_or_else(|| {
+                deny(
+                    Reason::UnregisteredDevice,
+                    "This device's certificate is not registered in the device inventory.",
+                )
+            })?
+        }
+    };
+
+    if !device.hwaddr.is_empty() {
+        match HwAddr::parse(&req.hwaddr) {
+            Some(hw) if device.hwaddr.contains(&hw) => {}
+            Some(_) => {
+                return Err(deny(
+                    Reason::DeviceMismatch,
+                    format!(
+                        "The certificate of device {} is used on a machine with another hardware address.",
+                        device.id
+                    ),
+                ));
+            }
+            None if policy.require_hwaddr && hwaddr_reported => {
+                return Err(deny(
+                    Reason::DeviceMismatch,
+                    format!(
+                        "Device {} has a registered hardware address, but the client reported none.",
+                        device.id
+                    ),
+                ));
+            }
+            None => {}
+        }
+    }
+
+    let mail_only =
+        policy.private_devices == PrivateDevices::MailOnly && req.zone == policy.mail_zone;
+    if device.ownership == Ownership::Private && !mail_only {
+        return Err(deny(
+            Reason::PrivateDevice,
+            format!(
+                "Device {} is a private device; only service devices may connect{}.",
+                device.id,
+                if policy.private_devices == PrivateDevices::MailOnly {
+                    format!(" (private devices only to zone {})", policy.mail_zone)
+                } else {
+                    String::new()
+                }
+            ),
+        ));
+    }
+
+    if device.status != Status::Active {
+        return Err(deny(
+            Reason::DeviceBlocked,
+            format!(
+                "Device {} is marked {} in the inventory.",
+                device.id,
+                device.status.as_str()
+            ),
+        ));
+    }
+
+    if policy.require_disk_encryption && !device.disk_encrypted {
+        return Err(deny(
+            Reason::NotEncrypted,
+            format!("Device {} has no recorded full-disk encryption.", device.id),
+        ));
+    }
+
+    let overdue = match device.patched_on {
+        None => true,
+        Some(day) => (today - day).num_days() > i64::from(policy.max_patch_age_days),
+    };
+    if overdue {
+        let last = device
+            .patched_on
+            .map(|d| format!("last patched on {d}"))
+            .unwrap_or_else(|| "no patch date recorded".into());
+        return Err(deny(
+            Reason::PatchOverdue,
+            format!(
+                "Device {} is {last}; at most {} days are allowed.",
+                device.id, policy.max_patch_age_days
+            ),
+        ));
+    }
+    Ok(device)
+}
+
+/// The checks on the person, the device's assignment, levels and zone.
+fn check_person(
+    req: &ConnectRequest,
+    rules: &Rules,
+    registry: &Registry,
+    device: &Device,
+) -> Result<Admission, Denial> {
+    let policy = &rules.policy;
+    let username = req.identity();
+    let (org_unit_name, own_level) = match registry.user(username) {
+        Some(u) => (u.org_unit.as_str(), u.level),
+        None => match &policy.default_org_unit {
+            Some(ou) => (ou.as_str(), None),
+            None => {
+                return Err(deny(
+                    Reason::UnknownUser,
+                    format!("User {username} is not in the user list."),
+                ));
+            }
+        },
+    };
+    // The registry checks org units against the rules at load; a reload of the rules alone
+    // could still drop one, so this stays a clear refusal rather than a panic.
+    let org_unit = rules.org_units.get(org_unit_name).ok_or_else(|| {
+        deny(
+            Reason::UnknownUser,
+            format!(
+                "User {username} belongs to org unit {org_unit_name}, which is not configured."
+            ),
+        )
+    })?;
+
+    let assigned = if device.users.is_empty() {
+        device.org_unit == org_unit.name
+    } else {
+        device.users.iter().any(|u| u == username)
+    };
+    if !assigned {
+        return Err(deny(
+            Reason::UserNotAssigned,
+            if device.users.is_empty() {
+                format!(
+                    "Device {} is a pool device of org unit {}, and user {username} belongs to {}.",
+                    device.id, device.org_unit, org_unit.name
+                )
+            } else {
+                format!("Device {} is not assigned to user {username}.", device.id)
+            },
+        ));
+    }
+
+    let level = own_level.unwrap_or(org_unit.level);
+    if level > policy.remote_max_level && !org_unit.remote_exception {
+        return Err(deny(
+            Reason::RemoteWorkNotPermitted,
+            format!(
+                "User {username} works at data-protection level {}, above the remote-work ceiling {}, and org unit {} has no exception.",
+                rules.level_name(level),
+                rules.level_name(policy.remote_max_level),
+                org_unit.name
+            ),
+        ));
+    }
+
+    let zone = rules.zones.get(&req.zone);
+    let needed = level.max(zone.map(|z| z.level).unwrap_or(0));
+    if device.clearance < needed {
+        return Err(deny(
+            Reason::DeviceClearance,
+            format!(
+                "Device {} is cleared for level {}, but level {} is needed.",
+                device.id,
+                rules.level_name(device.clearance),
+                rules.level_name(needed)
+            ),
+        ));
+    }
+
+    let Some(zone) = zone else {
+        return Err(deny(
+            Reason::UnknownZone,
+            format!("Zone {} is not configured.", req.zone),
+        ));
+    };
+
+    Ok(Admission {
+        device_id: device.id.clone(),
+        username: username.to_string(),
+        org_unit: org_unit.name.clone(),
+        level,
+        zone: zone.name.clone(),
+        priority: org_unit.priority,
+        quota: org_unit.quota,
+        pool: zone.pool,
+        routes: zone
+            .routes
+            .iter()
+            .filter(|r| r.level <= device.clearance)
+            .map(|r| r.prefix)
+            .collect(),
+    })
+}
+
+/// Sessions already held, as the admission check sees them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Occupancy {
+    /// All live sessions.
+    pub total: u32,
+    /// Live sessions of the admission's org unit.
+    pub org_unit: u32,
+    /// Live sessions of the admission's user.
+    pub user: u32,
+}
+
+/// The capacity checks, in order: seats (reserved ones only for priority org units), org-unit
+/// quota, per-user limit.
+pub fn check_capacity(adm: &Admission, occ: Occupancy, cap: &Capacity) -> Result<(), Denial> {
+    let limit = if adm.priority {
+        cap.max_sessions
+    } else {
+        cap.max_sessions.saturating_sub(cap.reserved_seats)
+    };
+    if occ.total >= limit {
+        return Err(deny(
+            Reason::CapacityFull,
+            if adm.priority || cap.reserved_seats == 0 {
+                format!("All {} VPN seats are taken.", cap.max_sessions)
+            } else {
+                format!(
+                    "All {limit} general VPN seats are taken; the remaining {} are reserved for priority org units.",
+                    cap.reserved_seats
+                )
+            },
+        ));
+    }
+    if adm.quota > 0 && occ.org_unit >= adm.quota {
+        return Err(deny(
+            Reason::OrgUnitQuota,
+            format!(
+                "Org unit {} has used all {} of its VPN sessions.",
+                adm.org_unit, adm.quota
+            ),
+        ));
+    }
+    if cap.max_sessions_per_user > 0 && occ.user >= cap.max_sessions_per_user {
+        return Err(deny(
+            Reason::UserSessionLimit,
+            format!(
+                "User {} already has {} VPN sessions, the maximum.",
+                adm.username, occ.user
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

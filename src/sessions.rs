@@ -1,0 +1,538 @@
+//! The live session table: admission (capacity check plus registration, atomic under one lock),
+//! ends, byte counters, address pools; every change persisted through the store before it is
+//! acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::config::{Capacity, FailMode};
+use crate::metrics::Metrics;
+use crate::policy::{Admission, ConnectRequest, Denial, Occupancy, Reason, check_capacity};
+use crate::store::{StoreHandle, StoreOp};
+
+/// A live session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Session {
+    /// pforte's id.
+    pub id: String,
+    /// VPN kind.
+    pub vpn: String,
+    /// VPN server instance.
+    pub instance: String,
+    /// The VPN's own key for the session.
+    pub session_key: String,
+    /// Zone.
+    pub zone: String,
+    /// The user's org unit.
+    pub org_unit: String,
+    /// The user's effective level.
+    pub level: u8,
+    /// The org unit may use reserved seats.
+    pub priority: bool,
+    /// Device inventory id.
+    pub device_id: String,
+    /// User.
+    pub username: String,
+    /// Certificate common name.
+    pub common_name: String,
+    /// Real remote address.
+    pub remote_addr: String,
+    /// Tunnel address.
+    pub tunnel_ip: Option<IpAddr>,
+    /// The tunnel address was taken from the zone's pool by pforte.
+    pub pool_ip: bool,
+    /// Unix time of admission.
+    pub started_at: i64,
+    /// Bytes received from the client (latest known).
+    pub bytes_received: u64,
+    /// Bytes sent to the client (latest known).
+    pub bytes_sent: u64,
+}
+
+/// How a disconnect or kill names its session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    /// pforte's id.
+    Id(String),
+    /// The VPN's key.
+    Key {
+        /// VPN kind.
+        vpn: String,
+        /// Instance.
+        instance: String,
+        /// The VPN's session key.
+        session_key: String,
+    },
+}
+
+type Key = (String, String, String);
+
+/// A request to end a session at the VPN server (client-kill), for the VPN integrations.
+#[derive(Debug, Clone)]
+pub struct KillRequest {
+    /// The session as it was.
+    pub session: Session,
+    /// Why, for the log.
+    pub why: String,
+}
+
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<String, Session>,
+    by_key: HashMap<Key, String>,
+    per_user: HashMap<String, u32>,
+    per_org_unit: HashMap<String, u32>,
+    pools: HashMap<String, Pool>,
+}
+
+/// Addresses of a zone's pool, handed out lowest-free-after-cursor.
+#[derive(Debug)]
+struct Pool {
+    net: IpNet,
+    used: HashSet<IpAddr>,
+    cursor: u128,
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn from_u128(net: &IpNet, n: u128) -> Option<IpAddr> {
+    match net {
+        IpNet::V4(_) => u32::try_from(n).ok().map(|v| IpAddr::V4(v.into())),
+        IpNet::V6(_) => Some(IpAddr::V6(n.into())),
+    }
+}
+
+impl Pool {
+    fn new(net: IpNet) -> Pool {
+        Pool {
+            net,
+            used: HashSet::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Usable offsets: the network address, the first host (the VPN server's own tunnel
+    /// address) and, for IPv4, the broadcast address are never handed out.
+    fn range(&self) -> (u128, u128) {
+        let base = to_u128(self.net.network());
+        let size = 1u128 << (self.net.max_prefix_len() - self.net.prefix_len()).min(64);
+        (base + 2, base + size - 1)
+    }
+
+    fn allocate(&mut self) -> Option<IpAddr> {
+        let (lo, hi) = self.range();
+        let span = hi - lo;
+        if span == 0 {
+            return None;
+        }
+        // Bounded scan: at most one pass over the pool.
+        for step in 0..span.min(1 << 20) {
+            let n = lo + (self.cursor + step) % span;
+            let ip = from_u128(&self.net, n)?;
+            if !self.used.contains(&ip) {
+                self.used.insert(ip);
+                self.cursor = (n - lo + 1) % span;
+                return Some(ip);
+            }
+        }
+        None
+    }
+}
+
+/// The session table. Shared behind an `Arc`.
+pub struct Sessions {
+    // A std Mutex: nothing is awaited while it is held, and every critical section is a few
+    // hash-map operations, so a blocking lock is cheaper than an async one.
+    table: Mutex<Table>,
+    store: StoreHandle,
+    metrics: Metrics,
+    fail_mode: FailMode,
+    kills: broadcast::Sender<KillRequest>,
+}
+
+impl Sessions {
+    /// An empty table over a store.
+    pub fn new(store: StoreHandle, metrics: Metrics, fail_mode: FailMode) -> Arc<Sessions> {
+        let (kills, _) = broadcast::channel(1024);
+        Arc::new(Sessions {
+            table: Mutex::new(Table::default()),
+            store,
+            metrics,
+            fail_mode,
+            kills,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A poisoned lock means a panic while holding it; the table itself is still consistent
+        // at every await-free step, so carry on rather than take the gate down.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store handle (for flushing at shutdown).
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    /// Subscribes to kill requests (for the VPN integrations).
+    pub fn subscribe_kills(&self) -> broadcast::Receiver<KillRequest> {
+        self.kills.subscribe()
+    }
+
+    /// Sets the zones' pools (at start and after a reload); addresses in use stay taken.
+    pub fn set_pools(&self, pools: impl IntoIterator<Item = (String, IpNet)>) {
+        let mut t = self.lock();
+        let mut fresh: HashMap<String, Pool> = HashMap::new();
+        for (zone, net) in pools {
+            let pool = match t.pools.remove(&zone) {
+                Some(p) if p.net == net => p,
+                _ => Pool::new(net),
+            };
+            fresh.insert(zone, pool);
+        }
+        t.pools = fresh;
+        let taken: Vec<(String, IpAddr)> = t
+            .by_id
+            .values()
+            .filter(|s| s.pool_ip)
+            .filter_map(|s| s.tunnel_ip.map(|ip| (s.zone.clone(), ip)))
+            .collect();
+        for (zone, ip) in taken {
+            if let Some(p) = t.pools.get_mut(&zone)
+                && p.net.contains(&ip)
+            {
+                p.used.insert(ip);
+            }
+        }
+    }
+
+    /// Puts sessions loaded from the store back into the table.
+    pub fn restore(&self, sessions: Vec<Session>) {
+        let mut t = self.lock();
+        for s in sessions {
+            self.insert_locked(&mut t, s);
+        }
+    }
+
+    fn insert_locked(&self, t: &mut Table, s: Session) {
+        if s.pool_ip
+            && let (Some(ip), Some(p)) = (s.tunnel_ip, t.pools.get_mut(&s.zone))
+        {
+            p.used.insert(ip);
+        }
+        *t.per_user.entry(s.username.clone()).or_default() += 1;
+        *t.per_org_unit.entry(s.org_unit.clone()).or_default() += 1;
+        if !s.session_key.is_empty() {
+            t.by_key.insert(
+                (s.vpn.clone(), s.instance.clone(), s.session_key.clone()),
+                s.id.clone(),
+            );
+        }
+        self.metrics
+            .sessions
+            .with_label_values(&[&s.zone, &s.org_unit])
+            .inc();
+        t.by_id.insert(s.id.clone(), s);
+        self.metrics.seats_used.set(t.by_id.len() as i64);
+    }
+
+    fn remove_locked(&self, t: &mut Table, id: &str) -> Option<Session> {
+        let s = t.by_id.remove(id)?;
+        let key = (s.vpn.clone(), s.instance.clone(), s.session_key.clone());
+        if t.by_key.get(&key).is_some_and(|v| v == id) {
+            t.by_key.remove(&key);
+        }
+        decrement(&mut t.per_user, &s.username);
+        decrement(&mut t.per_org_unit, &s.org_unit);
+        if s.pool_ip
+            && let (Some(ip), Some(p)) = (s.tunnel_ip, t.pools.get_mut(&s.zone))
+        {
+            p.used.remove(&ip);
+        }
+        self.metrics
+            .sessions
+            .with_label_values(&[&s.zone, &s.org_unit])
+            .dec();
+        self.metrics.seats_used.set(t.by_id.len() as i64);
+        Some(s)
+    }
+
+    /// Admits a session if capacity allows, atomically, and persists it before answering.
+    /// A session the VPN already had under the same key is replaced (the VPN reused the key,
+    /// so the old one is gone).
+    pub async fn admit(
+        &self,
+        adm: &Admission,
+        req: &ConnectRequest,
+        capacity: &Capacity,
+        now_unix: i64,
+    ) -> Result<Session, Denial> {
+        let (session, replaced) = {
+            let mut t = self.lock();
+            let replaced = if req.session_key.is_empty() {
+                None
+            } else {
+                let key = (
+                    req.vpn.clone(),
+                    req.instance.clone(),
+                    req.session_key.clone(),
+                );
+                match t.by_key.get(&key).cloned() {
+                    Some(old) => self.remove_locked(&mut t, &old),
+                    None => None,
+                }
+            };
+            let occupancy = Occupancy {
+                total: t.by_id.len() as u32,
+                org_unit: t.per_org_unit.get(&adm.org_unit).copied().unwrap_or(0),
+                user: t.per_user.get(&adm.username).copied().unwrap_or(0),
+            };
+            check_capacity(adm, occupancy, capacity)?;
+            let (tunnel_ip, pool_ip) = match adm.pool {
+                Some(_) => match t.pools.get_mut(&adm.zone).and_then(Pool::allocate) {
+                    Some(ip) => (Some(ip), true),
+                    None => {
+                        return Err(Denial {
+                            reason: Reason::CapacityFull,
+                            message: format!("The address pool of zone {} is exhausted.", adm.zone),
+                        });
+                    }
+                },
+                None => (req.tunnel_ip.parse().ok(), false),
+            };
+            let session = Session {
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                vpn: req.vpn.clone(),
+                instance: req.instance.clone(),
+                session_key: req.session_key.clone(),
+                zone: adm.zone.clone(),
+                org_unit: adm.org_unit.clone(),
+                level: adm.level,
+                priority: adm.priority,
+                device_id: adm.device_id.clone(),
+                username: adm.username.clone(),
+                common_name: req.common_name.clone(),
+                remote_addr: req.remote_addr.clone(),
+                tunnel_ip,
+                pool_ip,
+                started_at: now_unix,
+                bytes_received: 0,
+                bytes_sent: 0,
+            };
+            self.insert_locked(&mut t, session.clone());
+            (session, replaced)
+        };
+        if let Some(old) = replaced {
+            self.account_end(&old, now_unix);
+            self.store.queue(StoreOp::Delete(old.id));
+        }
+        match self
+            .store
+            .commit(StoreOp::Insert(Box::new(session.clone())))
+            .await
+        {
+            Ok(()) => Ok(session),
+            Err(e) if self.fail_mode == FailMode::Open => {
+                tracing::error!(error = %e, session = %session.id, "session admitted without persistence (fail_mode = open)");
+                Ok(session)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "session store failed; connection refused (fail_mode = closed)");
+                let mut t = self.lock();
+                self.remove_locked(&mut t, &session.id);
+                Err(Denial {
+                    reason: Reason::StoreUnavailable,
+                    message: "The session store cannot record sessions right now.".into(),
+                })
+            }
+        }
+    }
+
+    fn find_locked(t: &Table, sel: &Selector) -> Option<String> {
+        match sel {
+            Selector::Id(id) => t.by_id.contains_key(id).then(|| id.clone()),
+            Selector::Key {
+                vpn,
+                instance,
+                session_key,
+            } => t
+                .by_key
+                .get(&(vpn.clone(), instance.clone(), session_key.clone()))
+                .cloned(),
+        }
+    }
+
+    /// Ends a session with its final byte counts; `None` if it is not known (a disconnect
+    /// after a refused connect, or a repeat).
+    pub async fn end(
+        &self,
+        sel: &Selector,
+        final_bytes: Option<(u64, u64)>,
+        now_unix: i64,
+    ) -> Option<Session> {
+        let mut s = {
+            let mut t = self.lock();
+            let id = Self::find_locked(&t, sel)?;
+            self.remove_locked(&mut t, &id)?
+        };
+        if let Some((rx, tx)) = final_bytes {
+            self.account_bytes(&s, rx, tx);
+            s.bytes_received = rx;
+            s.bytes_sent = tx;
+        }
+        self.account_end(&s, now_unix);
+        if let Err(e) = self.store.commit(StoreOp::Delete(s.id.clone())).await {
+            // The writer keeps the delete and retries it; the seat is free in memory now.
+            tracing::warn!(error = %e, "session end not yet persisted; will retry");
+        }
+        Some(s)
+    }
+
+    /// Ends a session and asks the VPN server to drop it.
+    pub async fn kill(&self, sel: &Selector, why: &str, now_unix: i64) -> Option<Session> {
+        let s = self.end(sel, None, now_unix).await?;
+        // No receiver (no VPN integration running) is fine: the table is already right.
+        let _ = self.kills.send(KillRequest {
+            session: s.clone(),
+            why: why.to_string(),
+        });
+        Some(s)
+    }
+
+    /// Live byte counters from the VPN server: the totals only move forward.
+    pub fn update_bytes(&self, sel: &Selector, received: u64, sent: u64) -> bool {
+        let (s, (rx, tx)) = {
+            let mut t = self.lock();
+            let Some(id) = Self::find_locked(&t, sel) else {
+                return false;
+            };
+            let Some(s) = t.by_id.get_mut(&id) else {
+                return false;
+            };
+            let before = s.clone();
+            s.bytes_received = received;
+            s.bytes_sent = sent;
+            (before, (received, sent))
+        };
+        self.account_bytes(&s, rx, tx);
+        self.store.queue(StoreOp::Bytes {
+            id: s.id,
+            received,
+            sent,
+        });
+        true
+    }
+
+    /// Adds what the counters moved since the last known values; a counter that went down was
+    /// reset at the VPN server, so its new value is all new.
+    fn account_bytes(&self, before: &Session, rx: u64, tx: u64) {
+        let drx = if rx >= before.bytes_received {
+            rx - before.bytes_received
+        } else {
+            rx
+        };
+        let dtx = if tx >= before.bytes_sent {
+            tx - before.bytes_sent
+        } else {
+            tx
+        };
+        let labels = [before.zone.as_str(), before.org_unit.as_str()];
+        self.metrics
+            .session_received_bytes
+            .with_label_values(&labels)
+            .inc_by(drx);
+        self.metrics
+            .session_sent_bytes
+            .with_label_values(&labels)
+            .inc_by(dtx);
+    }
+
+    fn account_end(&self, s: &Session, now_unix: i64) {
+        let secs = (now_unix - s.started_at).max(0) as f64;
+        self.metrics
+            .session_duration
+            .with_label_values(&[&s.zone])
+            .observe(secs);
+    }
+
+    /// A copy of every live session.
+    pub fn list(&self) -> Vec<Session> {
+        let t = self.lock();
+        let mut v: Vec<Session> = t.by_id.values().cloned().collect();
+        v.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// One session by id or key.
+    pub fn get(&self, sel: &Selector) -> Option<Session> {
+        let t = self.lock();
+        let id = Self::find_locked(&t, sel)?;
+        t.by_id.get(&id).cloned()
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    /// No live sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Re-keys a session (the VPN server restarted and gave it a new key).
+    pub fn rekey(&self, id: &str, new_key: &str) -> bool {
+        let mut t = self.lock();
+        let Some(s) = t.by_id.get_mut(id) else {
+            return false;
+        };
+        let old = (s.vpn.clone(), s.instance.clone(), s.session_key.clone());
+        s.session_key = new_key.to_string();
+        let new = (s.vpn.clone(), s.instance.clone(), new_key.to_string());
+        let copy = s.clone();
+        if t.by_key.get(&old).is_some_and(|v| v == id) {
+            t.by_key.remove(&old);
+        }
+        t.by_key.insert(new, id.to_string());
+        drop(t);
+        self.store.queue(StoreOp::Insert(Box::new(copy)));
+        true
+    }
+}
+
+fn decrement(map: &mut HashMap<String, u32>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_skips_network_server_and_broadcast() {
+        let mut p = Pool::new("10.80.0.0/29".parse().unwrap());
+        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
+        let want: Vec<IpAddr> = (2..=6)
+            .map(|i| format!("10.80.0.{i}").parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        p.used.remove(&"10.80.0.4".parse::<IpAddr>().unwrap());
+        assert_eq!(p.allocate(), Some("10.80.0.4".parse().unwrap()));
+        assert_eq!(p.allocate(), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! The read-mostly state the policy reads: rules from the config and the registry, built whole on
+//! the side and swapped in with `ArcSwap`. A failed build leaves the old state in place.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config, ConfigError, Rules};
+use crate::registry::{Registry, RegistryError};
+
+/// Why a (re)load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A registry file.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A file anyone may write.
+    #[error("{0}: writable by every user; refusing to trust it (chmod o-w)")]
+    WorldWritable(String),
+}
+
+/// Everything one decision reads, consistent with itself.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Rules from the config.
+    pub rules: Rules,
+    /// The registry.
+    pub registry: Registry,
+    /// Zone of each OpenVPN instance (for requests that name an instance but no zone).
+    pub instance_zones: HashMap<String, String>,
+    /// Unix time it was loaded.
+    pub loaded_at: i64,
+}
+
+/// The files a snapshot was built from, with what identifies their content.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FileStamps(Vec<(PathBuf, Option<Stamp>)>);
+
+/// Inode, size, mtime seconds and nanoseconds.
+type Stamp = (u64, u64, i64, i64);
+
+impl FileStamps {
+    fn of(paths: &[PathBuf]) -> FileStamps {
+        FileStamps(
+            paths
+                .iter()
+                .map(|p| {
+                    let stamp = std::fs::metadata(p)
+                        .ok()
+                        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+                    (p.clone(), stamp)
+                })
+                .collect(),
+        )
+    }
+
+    /// The same files, read again now.
+    pub fn refresh(&self) -> FileStamps {
+        let paths: Vec<PathBuf> = self.0.iter().map(|(p, _)| p.clone()).collect();
+        FileStamps::of(&paths)
+    }
+}
+
+fn refuse_world_writable(path: &Path) -> Result<(), LoadError> {
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o002 != 0
+    {
+        return Err(LoadError::WorldWritable(path.display().to_string()));
+    }
+    Ok(())
+}
+
+/// Builds a snapshot from a validated config: reads the registry files.
+pub fn build(config: &Config) -> Result<Snapshot, LoadError> {
+    refuse_world_writable(&config.registry.devices)?;
+    if let Some(u) = &config.registry.users {
+        refuse_world_writable(u)?;
+    }
+    let registry = Registry::load(
+        &config.registry.devices,
+        config.registry.users.as_deref(),
+        &config.rules,
+    )?;
+    Ok(Snapshot {
+        rules: config.rules.clone(),
+        registry,
+        instance_zones: config
+            .openvpn
+            .iter()
+            .map(|o| (o.instance.clone(), o.zone.clone()))
+            .collect(),
+        loaded_at: unix_now(),
+    })
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The current snapshot and how to replace it.
+pub struct State {
+    current: ArcSwap<Snapshot>,
+    config_path: PathBuf,
+    stamps: std::sync::Mutex<FileStamps>,
+}
+
+impl State {
+    /// Wraps the first snapshot.
+    pub fn new(config: &Config, first: Snapshot) -> State {
+        State {
+            current: ArcSwap::from_pointee(first),
+            config_path: config.source.clone(),
+            stamps: std::sync::Mutex::new(FileStamps::of(&watched(config))),
+        }
+    }
+
+    /// The snapshot decisions read now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file and the registry; swaps only if all of it is valid.
+    /// Blocking (file I/O and parsing): call from a blocking thread.
+    pub fn reload(&self) -> Result<Arc<Snapshot>, LoadError> {
+        let config = config::load(&self.config_path)?;
+        let stamps = FileStamps::of(&watched(&config));
+        let snapshot = Arc::new(build(&config)?);
+        self.current.store(snapshot.clone());
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        Ok(snapshot)
+    }
+
+    /// Whether any watched file changed since the last successful load (or failed attempt:
+    /// `mark_seen` records those, so a broken file is reported once, not every few seconds).
+    pub fn files_changed(&self) -> bool {
+        let stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        stamps.refresh() != *stamps
+    }
+
+    /// Records the files as they are now.
+    pub fn mark_seen(&self) {
+        let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        *stamps = stamps.refresh();
+    }
+}
+
+fn watched(config: &Config) -> Vec<PathBuf> {
+    let mut v = vec![config.source.clone(), config.registry.devices.clone()];
+    if let Some(u) = &config.registry.users {
+        v.push(u.clone());
+    }
+    v
+}

@@ -1,0 +1,368 @@
+//! Session persistence behind one narrow interface ([`SessionStore`]), with SQLite (WAL) as the
+//! backend, and a writer thread that commits in groups.
+//!
+//! Group commit: every connect and disconnect hands its change to the writer thread and waits
+//! for the commit before it answers. The writer takes everything queued at that moment into one
+//! transaction, so under load one commit carries many decisions. A decision is acknowledged only
+//! after its commit: a crash loses nothing already acknowledged.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::sessions::Session;
+
+/// A store error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("session store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store's folder could not be made.
+    #[error("session store: {0}")]
+    Io(#[from] std::io::Error),
+    /// The writer thread is gone.
+    #[error("session store writer has stopped")]
+    Stopped,
+}
+
+/// One change to the persisted session table.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// A new session.
+    Insert(Box<Session>),
+    /// A session ended.
+    Delete(String),
+    /// Live byte counters.
+    Bytes {
+        /// Session id.
+        id: String,
+        /// Received from the client.
+        received: u64,
+        /// Sent to the client.
+        sent: u64,
+    },
+}
+
+/// What any session backend must do. Kept narrow so a shared backend (PostgreSQL) can follow.
+pub trait SessionStore: Send + 'static {
+    /// All persisted sessions.
+    fn load(&mut self) -> Result<Vec<Session>, StoreError>;
+    /// Applies the changes atomically: all or none.
+    fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError>;
+}
+
+/// SQLite in WAL mode.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit survives a power cut.
+    Full,
+    /// `synchronous=NORMAL`: a commit survives a crash of pforte (kill -9), not a power cut.
+    Normal,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file and its folder.
+    pub fn open(path: &Path, durability: Durability) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            },
+        )?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sessions (
+                id TEXT PRIMARY KEY,
+                vpn TEXT NOT NULL,
+                instance TEXT NOT NULL,
+                session_key TEXT NOT NULL,
+                zone TEXT NOT NULL,
+                org_unit TEXT NOT NULL,
+                level INTEGER NOT NULL,
+                priority INTEGER NOT NULL,
+                device_id TEXT NOT NULL,
+                username TEXT NOT NULL,
+                common_name TEXT NOT NULL,
+                remote_addr TEXT NOT NULL,
+                tunnel_ip TEXT,
+                pool_ip INTEGER NOT NULL,
+                started_at INTEGER NOT NULL,
+                bytes_received INTEGER NOT NULL,
+                bytes_sent INTEGER NOT NULL
+            ) WITHOUT ROWID;",
+        )?;
+        Ok(SqliteStore { conn })
+    }
+}
+
+impl SessionStore for SqliteStore {
+    fn load(&mut self) -> Result<Vec<Session>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, vpn, instance, session_key, zone, org_unit, level, priority, device_id,
+                    username, common_name, remote_addr, tunnel_ip, pool_ip, started_at,
+                    bytes_received, bytes_sent FROM sessions",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let tunnel: Option<String> = r.get(12)?;
+            Ok(Session {
+                id: r.get(0)?,
+                vpn: r.get(1)?,
+                instance: r.get(2)?,
+                session_key: r.get(3)?,
+                zone: r.get(4)?,
+                org_unit: r.get(5)?,
+                level: r.get(6)?,
+                priority: r.get(7)?,
+                device_id: r.get(8)?,
+                username: r.get(9)?,
+                common_name: r.get(10)?,
+                remote_addr: r.get(11)?,
+                tunnel_ip: tunnel.and_then(|t| t.parse().ok()),
+                pool_ip: r.get(13)?,
+                started_at: r.get(14)?,
+                bytes_received: u64::try_from(r.get::<_, i64>(15)?).unwrap_or(0),
+                bytes_sent: u64::try_from(r.get::<_, i64>(16)?).unwrap_or(0),
+            })
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?);
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO sessions VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")?;
+            let mut bytes = tx.prepare_cached(
+                "UPDATE sessions SET bytes_received = ?2, bytes_sent = ?3 WHERE id = ?1",
+            )?;
+            for op in ops {
+                match op {
+                    StoreOp::Insert(s) => {
+                        insert.execute(params![
+                            s.id,
+                            s.vpn,
+                            s.instance,
+                            s.session_key,
+                            s.zone,
+                            s.org_unit,
+                            s.level,
+                            s.priority,
+                            s.device_id,
+                            s.username,
+                            s.common_name,
+                            s.remote_addr,
+                            s.tunnel_ip.map(|ip| ip.to_string()),
+                            s.pool_ip,
+                            s.started_at,
+                            i64::try_from(s.bytes_received).unwrap_or(i64::MAX),
+                            i64::try_from(s.bytes_sent).unwrap_or(i64::MAX),
+                        ])?;
+                    }
+                    StoreOp::Delete(id) => {
+                        delete.execute(params![id])?;
+                    }
+                    StoreOp::Bytes { id, received, sent } => {
+                        bytes.execute(params![
+                            id,
+                            i64::try_from(*received).unwrap_or(i64::MAX),
+                            i64::try_from(*sent).unwrap_or(i64::MAX)
+                        ])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+enum Job {
+    Op(StoreOp, Option<Ack>),
+    Flush(Ack),
+}
+
+/// Hands changes to the writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+/// The writer thread; joining it flushes everything queued.
+pub struct StoreWriter {
+    handle: Option<JoinHandle<()>>,
+}
+
+impl StoreWriter {
+    /// Waits for the writer to commit what is queued and stop. Every [`StoreHandle`] must be
+    /// dropped first.
+    pub fn join(mut self) {
+        if let Some(h) = self.handle.take()
+            && h.join().is_err()
+        {
+            tracing::error!("session store writer panicked");
+        }
+    }
+}
+
+/// Most changes one transaction takes.
+const MAX_BATCH: usize = 4096;
+
+/// Starts the writer thread over a store.
+pub fn spawn_writer<S: SessionStore>(
+    mut store: S,
+    metrics: Metrics,
+) -> Result<(StoreHandle, StoreWriter), StoreError> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let handle = std::thread::Builder::new()
+        .name("pforte-store".into())
+        .spawn(move || writer_loop(&mut store, &rx, &metrics))?;
+    Ok((
+        StoreHandle { tx },
+        StoreWriter {
+            handle: Some(handle),
+        },
+    ))
+}
+
+fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics: &Metrics) {
+    // Changes whose commit failed and that no caller waits for (ends, byte counts): retried
+    // until the disk takes them, so a disk-full spell does not leave ended sessions behind.
+    let mut retry: Vec<StoreOp> = Vec::new();
+    let mut open = true;
+    metrics.store_healthy.set(1);
+    while open || !retry.is_empty() {
+        let first = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(job) => Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                open = false;
+                None
+            }
+        };
+        let mut ops: Vec<StoreOp> = std::mem::take(&mut retry);
+        let mut acks: Vec<(usize, Ack)> = Vec::new();
+        let mut flushes: Vec<Ack> = Vec::new();
+        let mut take = |job: Job, ops: &mut Vec<StoreOp>| match job {
+            Job::Op(op, ack) => {
+                if let Some(ack) = ack {
+                    acks.push((ops.len(), ack));
+                }
+                ops.push(op);
+            }
+            Job::Flush(ack) => flushes.push(ack),
+        };
+        if let Some(job) = first {
+            take(job, &mut ops);
+        }
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => take(job, &mut ops),
+                Err(_) => break,
+            }
+        }
+        if ops.is_empty() {
+            for f in flushes {
+                let _ = f.send(Ok(()));
+            }
+            continue;
+        }
+        match store.apply(&ops) {
+            Ok(()) => {
+                metrics.store_healthy.set(1);
+                for (_, ack) in acks {
+                    let _ = ack.send(Ok(()));
+                }
+                for f in flushes {
+                    let _ = f.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                metrics.store_errors.inc();
+                metrics.store_healthy.set(0);
+                tracing::error!(error = %e, changes = ops.len(), "session store commit failed");
+                let acked: std::collections::HashSet<usize> =
+                    acks.iter().map(|(i, _)| *i).collect();
+                // Inserts that someone waits for are answered (the caller undoes them);
+                // everything else is kept for the next attempt.
+                retry = ops
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, op)| !(acked.contains(i) && matches!(op, StoreOp::Insert(_))))
+                    .map(|(_, op)| op)
+                    .collect();
+                for (i, ack) in acks {
+                    let _ = ack.send(Err(e.to_string()));
+                    let _ = i;
+                }
+                for f in flushes {
+                    let _ = f.send(Err(e.to_string()));
+                }
+                if !open {
+                    // Shutting down with a failing disk: give up rather than spin.
+                    tracing::error!(
+                        lost = retry.len(),
+                        "session store changes not written at shutdown"
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl StoreHandle {
+    /// Queues a change and waits for its commit.
+    pub async fn commit(&self, op: StoreOp) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Op(op, Some(tx)))
+            .map_err(|_| StoreError::Stopped.to_string())?;
+        rx.await.map_err(|_| StoreError::Stopped.to_string())?
+    }
+
+    /// Queues a change without waiting (live byte counters).
+    pub fn queue(&self, op: StoreOp) {
+        if self.tx.send(Job::Op(op, None)).is_err() {
+            tracing::warn!("session store writer has stopped; change dropped");
+        }
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Flush(tx))
+            .map_err(|_| StoreError::Stopped.to_string())?;
+        rx.await.map_err(|_| StoreError::Stopped.to_string())?
+    }
+}

@@ -1,0 +1,26 @@
+//! VPN server integrations.
+
+pub mod openvpn;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::app::App;
+use crate::config::Config;
+
+/// Starts the VPN integrations the config names (OpenVPN management clients).
+pub fn spawn_all(
+    config: &Config,
+    app: Arc<App>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    for instance in &config.openvpn {
+        if instance.management.is_some() {
+            tracing::warn!(instance = %instance.instance, "OpenVPN management client not available in this build");
+        }
+    }
+    let _ = (app, tasks, shutdown);
+}
