@@ -156,7 +156,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|c| {
                 pforte::state::build(&c)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("{}: registry: {e}", c.source.display()))
                     .map(|s| (c, s))
             }) {
             Ok((c, s)) => {

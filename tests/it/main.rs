@@ -1,0 +1,8 @@
+//! Integration tests: one crate, one binary (see STYLE.md). They start the real `pforte`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cli;
+mod common;
+mod daemon;
+mod lifecycle;
+mod hook;
