@@ -40,7 +40,10 @@ fn fixture_configs_valid_and_invalid() {
     let root = repo().join("tests/fixtures/config");
     let valid = toml_files(&root.join("valid"));
     let invalid = toml_files(&root.join("invalid"));
-    assert!(!valid.is_empty() && !invalid.is_empty(), "fixture folders are empty");
+    assert!(
+        !valid.is_empty() && !invalid.is_empty(),
+        "fixture folders are empty"
+    );
     for f in valid {
         let out = Command::new(bin())
             .args(["check-config", "--config"])
@@ -48,7 +51,12 @@ fn fixture_configs_valid_and_invalid() {
             .current_dir(repo())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for f in invalid {
         // Each invalid fixture says on its first line which key the error must name.
@@ -69,8 +77,14 @@ fn fixture_configs_valid_and_invalid() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} was accepted", f.display());
         let name = f.file_name().unwrap().to_string_lossy().to_string();
-        assert!(err.contains(&name), "{name}: error does not name the file: {err}");
-        assert!(err.contains(&expect), "{name}: error does not name `{expect}`: {err}");
+        assert!(
+            err.contains(&name),
+            "{name}: error does not name the file: {err}"
+        );
+        assert!(
+            err.contains(&expect),
+            "{name}: error does not name `{expect}`: {err}"
+        );
     }
 }
 
@@ -122,7 +136,14 @@ fn check_explains_the_example_registry() {
         assert!(text.contains(needle), "{id} {user}: {text}");
     }
     let fp = example_fp("D-1010");
-    let (got, text) = check(&["--cert-sha256", &fp, "--user", "alice", "--hwaddr", "aa:bb:cc:99:99:99"]);
+    let (got, text) = check(&[
+        "--cert-sha256",
+        &fp,
+        "--user",
+        "alice",
+        "--hwaddr",
+        "aa:bb:cc:99:99:99",
+    ]);
     assert_eq!(got, 1);
     assert!(text.contains("device_mismatch"), "{text}");
     let (got, text) = check(&["--cert-sha256", &"ab".repeat(32), "--user", "alice"]);
@@ -130,7 +151,15 @@ fn check_explains_the_example_registry() {
     assert!(text.contains("unregistered_device"), "{text}");
     // An error (missing config) is exit 2.
     let out = Command::new(bin())
-        .args(["check", "--config", "/nonexistent.toml", "--user", "a", "--cert-sha256", "00"])
+        .args([
+            "check",
+            "--config",
+            "/nonexistent.toml",
+            "--user",
+            "a",
+            "--cert-sha256",
+            "00",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

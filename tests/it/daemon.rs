@@ -92,12 +92,18 @@ async fn every_reason_code_through_the_api() {
         (connect_req(&dev("D-PLAIN"), "alice", "k5"), "not_encrypted"),
         (connect_req(&dev("D-OLD"), "alice", "k6"), "patch_overdue"),
         (connect_req(&dev("D-FIN1"), "zoe", "k7"), "unknown_user"),
-        (connect_req(&dev("D-BOB"), "alice", "k8"), "user_not_assigned"),
+        (
+            connect_req(&dev("D-BOB"), "alice", "k8"),
+            "user_not_assigned",
+        ),
         (
             connect_req(&dev("D-SOCIAL"), "dora", "k9"),
             "remote_work_not_permitted",
         ),
-        (connect_req(&dev("D-HEALTH"), "carol", "k10"), "device_clearance"),
+        (
+            connect_req(&dev("D-HEALTH"), "carol", "k10"),
+            "device_clearance",
+        ),
         (
             ConnectRequest {
                 zone: "lab".into(),
@@ -163,7 +169,10 @@ async fn allow_pushes_pool_address_and_routes_and_disconnect_frees_the_seat() {
         .connect_request(&connect_req(&dev("D-BOB"), "bob", "k2"))
         .await
         .unwrap();
-    assert_eq!((s, b.reason.map(|r| r.as_str())), (403, Some("capacity_full")));
+    assert_eq!(
+        (s, b.reason.map(|r| r.as_str())),
+        (403, Some("capacity_full"))
+    );
     // An unknown disconnect (as after a refused connect) is answered and frees nothing.
     let (s, v) = c
         .disconnect_request(&DisconnectRequest {
@@ -216,25 +225,55 @@ async fn reserved_seats_quota_and_user_limit() {
     let d = f.start();
     let mut c = d.client().await;
     let reason = |r: &pforte::app::ConnectResponse| {
-        r.reason.map(|x| x.as_str().to_string()).unwrap_or_else(|| "allowed".into())
+        r.reason
+            .map(|x| x.as_str().to_string())
+            .unwrap_or_else(|| "allowed".into())
     };
-    let (_, r) = c.connect_request(&connect_req(&dev("D-FIN1"), "frank", "f1")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-FIN1"), "frank", "f1"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "allowed");
-    let (_, r) = c.connect_request(&connect_req(&dev("D-FIN2"), "gina", "f2")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-FIN2"), "gina", "f2"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "org_unit_quota");
-    let (_, r) = c.connect_request(&connect_req(&dev("D-GOOD"), "alice", "a1")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-GOOD"), "alice", "a1"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "allowed");
-    let (_, r) = c.connect_request(&connect_req(&dev("D-GOOD"), "alice", "a2")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-GOOD"), "alice", "a2"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "user_session_limit");
-    let (_, r) = c.connect_request(&connect_req(&dev("D-BOB"), "bob", "b1")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-BOB"), "bob", "b1"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "allowed");
     // 3 of 4 seats taken; the last is reserved for priority org units (it).
-    let (_, r) = c.connect_request(&connect_req(&dev("D-FIN2"), "gina", "f3")).await.unwrap();
-    assert_eq!(reason(&r), "capacity_full", "finance may not take the reserved seat");
-    let (_, r) = c.connect_request(&connect_req(&dev("D-IVAN"), "ivan", "i1")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-FIN2"), "gina", "f3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&r),
+        "capacity_full",
+        "finance may not take the reserved seat"
+    );
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-IVAN"), "ivan", "i1"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "allowed", "it is a priority org unit");
     assert_eq!(d.metric("pforte_seats_used"), Some(4.0));
-    let (_, r) = c.connect_request(&connect_req(&dev("D-FIN2"), "gina", "f4")).await.unwrap();
+    let (_, r) = c
+        .connect_request(&connect_req(&dev("D-FIN2"), "gina", "f4"))
+        .await
+        .unwrap();
     assert_eq!(reason(&r), "capacity_full");
 }
 
@@ -316,13 +355,23 @@ async fn malformed_input_gets_400_naming_the_field_and_never_kills_the_daemon() 
         .unwrap();
     assert_eq!(s, 413);
     let mut c = d.client().await;
-    let (s, _) = c.request(Method::POST, "/v1/disconnect", Some(b"{\"bytes_sent\":-1}".to_vec())).await.unwrap();
+    let (s, _) = c
+        .request(
+            Method::POST,
+            "/v1/disconnect",
+            Some(b"{\"bytes_sent\":-1}".to_vec()),
+        )
+        .await
+        .unwrap();
     assert_eq!(s, 400);
     let (s, _) = c.request(Method::GET, "/v1/nothing", None).await.unwrap();
     assert_eq!(s, 404);
     let (s, _) = c.request(Method::GET, "/v1/connect", None).await.unwrap();
     assert_eq!(s, 405);
-    assert!(d.wait_exit(Duration::from_millis(10)).is_none(), "daemon died");
+    assert!(
+        d.wait_exit(Duration::from_millis(10)).is_none(),
+        "daemon died"
+    );
 }
 
 #[tokio::test]
@@ -330,11 +379,20 @@ async fn kill_a_session_and_list_sessions() {
     let f = Fixture::new(Setup::default(), &devices());
     let d = f.start();
     let mut c = d.client().await;
-    let (_, a) = c.connect_request(&connect_req(&dev("D-GOOD"), "alice", "k1")).await.unwrap();
+    let (_, a) = c
+        .connect_request(&connect_req(&dev("D-GOOD"), "alice", "k1"))
+        .await
+        .unwrap();
     let id = a.session_id.unwrap();
-    let (s, _) = c.request(Method::DELETE, &format!("/v1/sessions/{id}"), None).await.unwrap();
+    let (s, _) = c
+        .request(Method::DELETE, &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
     assert_eq!(s, 200);
-    let (s, _) = c.request(Method::DELETE, &format!("/v1/sessions/{id}"), None).await.unwrap();
+    let (s, _) = c
+        .request(Method::DELETE, &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
     assert_eq!(s, 404);
     let (_, body) = c.request(Method::GET, "/v1/sessions", None).await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -353,10 +411,16 @@ async fn tcp_v1_needs_the_bearer_token() {
     let d = f.start();
     assert_eq!(http_get(d.port, "/v1/sessions").unwrap().0, 401);
     let wrong = [("Authorization", "Bearer wrong-token-wrong-token")];
-    assert_eq!(http(d.port, "GET", "/v1/sessions", &wrong, "").unwrap().0, 401);
+    assert_eq!(
+        http(d.port, "GET", "/v1/sessions", &wrong, "").unwrap().0,
+        401
+    );
     let bearer = format!("Bearer {TOKEN}");
     let right = [("Authorization", bearer.as_str())];
-    assert_eq!(http(d.port, "GET", "/v1/sessions", &right, "").unwrap().0, 200);
+    assert_eq!(
+        http(d.port, "GET", "/v1/sessions", &right, "").unwrap().0,
+        200
+    );
     assert_eq!(http_get(d.port, "/healthz").unwrap().0, 200);
     assert_eq!(http_get(d.port, "/metrics").unwrap().0, 200);
     assert!(!d.log().contains(TOKEN), "token leaked into the log");
@@ -398,7 +462,10 @@ async fn metrics_carry_no_personal_data() {
     };
     let (s, a) = c.connect_request(&req).await.unwrap();
     assert_eq!(s, 200);
-    let (s, _) = c.connect_request(&connect_req(&dev("D-PRIV"), "alice", "k2")).await.unwrap();
+    let (s, _) = c
+        .connect_request(&connect_req(&dev("D-PRIV"), "alice", "k2"))
+        .await
+        .unwrap();
     assert_eq!(s, 403);
     c.disconnect_request(&DisconnectRequest {
         session_id: "no-such-session".into(),
@@ -407,7 +474,10 @@ async fn metrics_carry_no_personal_data() {
     .await
     .unwrap();
     let m = d.metrics();
-    assert!(m.contains("pforte_sessions{org_unit=\"it\",zone=\"office\"} 1"), "{m}");
+    assert!(
+        m.contains("pforte_sessions{org_unit=\"it\",zone=\"office\"} 1"),
+        "{m}"
+    );
     let fp = dev("D-GOOD").fp();
     let plain_fp = fp.replace(':', "");
     let tunnel = a.push.unwrap().ifconfig.unwrap().ip.to_string();
@@ -436,9 +506,17 @@ async fn sigterm_drains_and_exits_zero() {
     let f = Fixture::new(Setup::default(), &devices());
     let mut d = f.start();
     let mut c = d.client().await;
-    let (s, _) = c.connect_request(&connect_req(&dev("D-GOOD"), "alice", "k1")).await.unwrap();
+    let (s, _) = c
+        .connect_request(&connect_req(&dev("D-GOOD"), "alice", "k1"))
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     d.signal(Signal::SIGTERM);
-    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0), "log:\n{}", d.log());
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "log:\n{}",
+        d.log()
+    );
     assert!(d.log().contains("session store flushed"), "{}", d.log());
 }

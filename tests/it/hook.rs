@@ -59,8 +59,17 @@ fn client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat() {
     );
     let d = f.start();
     let ccd = f.path("ccd-out");
-    let out = run_hook(&d.socket, &ovpn_env(&good, "alice", 40001, "client-connect"), &[ccd.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_hook(
+        &d.socket,
+        &ovpn_env(&good, "alice", 40001, "client-connect"),
+        &[ccd.to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&ccd).unwrap();
     assert_eq!(
         text,
@@ -69,14 +78,22 @@ fn client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat() {
     assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
 
     // A private device is refused with one line naming the reason.
-    let out = run_hook(&d.socket, &ovpn_env(&private, "alice", 40002, "client-connect"), &[f.path("ccd2").to_str().unwrap()]);
+    let out = run_hook(
+        &d.socket,
+        &ovpn_env(&private, "alice", 40002, "client-connect"),
+        &[f.path("ccd2").to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("private_device"), "{err}");
     assert!(!f.path("ccd2").exists());
     // OpenVPN then runs client-disconnect for the refused client: it must not free alice's seat.
-    let out = run_hook(&d.socket, &ovpn_env(&private, "alice", 40002, "client-disconnect"), &[]);
+    let out = run_hook(
+        &d.socket,
+        &ovpn_env(&private, "alice", 40002, "client-disconnect"),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
 
@@ -86,14 +103,26 @@ fn client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat() {
     env.push(("bytes_sent".into(), "5678".into()));
     env.push(("time_duration".into(), "60".into()));
     let out = run_hook(&d.socket, &env, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(d.metric("pforte_seats_used"), Some(0.0));
     assert_eq!(
         d.metric("pforte_session_sent_bytes_total{org_unit=\"it\",zone=\"office\"}"),
         Some(5678.0)
     );
-    assert!(!d.log().contains("hunter2"), "password leaked into the daemon log");
-    assert!(!std::fs::read_to_string(f.path("state/audit.log")).unwrap().contains("hunter2"));
+    assert!(
+        !d.log().contains("hunter2"),
+        "password leaked into the daemon log"
+    );
+    assert!(
+        !std::fs::read_to_string(f.path("state/audit.log"))
+            .unwrap()
+            .contains("hunter2")
+    );
 }
 
 #[test]
@@ -108,17 +137,34 @@ fn tls_verify_checks_the_device_at_depth_zero_only() {
     };
     let f = Fixture::new(Setup::default(), &[private.clone(), good.clone()]);
     let d = f.start();
-    let out = run_hook(&d.socket, &ovpn_env(&private, "alice", 1, "tls-verify"), &["1", "CN=Test CA"]);
+    let out = run_hook(
+        &d.socket,
+        &ovpn_env(&private, "alice", 1, "tls-verify"),
+        &["1", "CN=Test CA"],
+    );
     assert_eq!(out.status.code(), Some(0), "CA depth passes");
-    let out = run_hook(&d.socket, &ovpn_env(&private, "alice", 1, "tls-verify"), &["0", "CN=alice"]);
+    let out = run_hook(
+        &d.socket,
+        &ovpn_env(&private, "alice", 1, "tls-verify"),
+        &["0", "CN=alice"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("private_device"));
     // At tls-verify OpenVPN has no IV_HWADDR yet: a registered address is not a mismatch here.
     let mut env = ovpn_env(&good, "alice", 1, "tls-verify");
     env.retain(|(k, _)| k != "IV_HWADDR");
     let out = run_hook(&d.socket, &env, &["0", "CN=alice"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(d.metric("pforte_seats_used"), Some(0.0), "verify admits nobody");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.metric("pforte_seats_used"),
+        Some(0.0),
+        "verify admits nobody"
+    );
 }
 
 #[test]
@@ -130,8 +176,15 @@ fn daemon_unreachable_fails_closed_unless_fail_open() {
     let out = run_hook(&missing, &env, &[dir.path().join("ccd").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fail closed") && err.lines().count() == 1, "{err}");
-    let out = run_hook(&missing, &env, &["--fail-open", dir.path().join("ccd").to_str().unwrap()]);
+    assert!(
+        err.contains("fail closed") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = run_hook(
+        &missing,
+        &env,
+        &["--fail-open", dir.path().join("ccd").to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ADMITTING"));
 }
@@ -149,7 +202,15 @@ fn slow_daemon_is_refused_after_the_timeout() {
     });
     let env = ovpn_env(&Dev::good("D-X", "alice"), "alice", 1, "client-connect");
     let started = Instant::now();
-    let out = run_hook(&path, &env, &["--timeout", "300ms", dir.path().join("ccd").to_str().unwrap()]);
+    let out = run_hook(
+        &path,
+        &env,
+        &[
+            "--timeout",
+            "300ms",
+            dir.path().join("ccd").to_str().unwrap(),
+        ],
+    );
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(1));
     assert!(took < Duration::from_secs(2), "hook waited {took:?}");

@@ -31,7 +31,10 @@ async fn sessions_survive_kill_9() {
     let mut c = d.client().await;
     let mut ids = Vec::new();
     for (i, dv) in devs.iter().take(6).enumerate() {
-        let (s, a) = c.connect_request(&connect_req(dv, "alice", &format!("k{i}"))).await.unwrap();
+        let (s, a) = c
+            .connect_request(&connect_req(dv, "alice", &format!("k{i}")))
+            .await
+            .unwrap();
         assert_eq!(s, 200, "{a:?}");
         ids.push(a.session_id.unwrap());
     }
@@ -63,7 +66,10 @@ async fn sessions_survive_kill_9() {
     assert_eq!(got, want);
     // Seats are right: 8 seats, 5 used, so 3 more and then full.
     for (i, dv) in devs.iter().skip(6).enumerate() {
-        let (s, _) = c.connect_request(&connect_req(dv, "alice", &format!("n{i}"))).await.unwrap();
+        let (s, _) = c
+            .connect_request(&connect_req(dv, "alice", &format!("n{i}")))
+            .await
+            .unwrap();
         let want = if i < 3 { 200 } else { 403 };
         assert_eq!(s, want, "connect {i} after restart");
     }
@@ -96,21 +102,32 @@ async fn broken_registry_keeps_the_old_one_and_counts_the_failure() {
     let mut c = d.client().await;
     // A half-written file: line 3 is cut off mid-row.
     let good = std::fs::read_to_string(f.path("devices.csv")).unwrap();
-    let cut: String = good.lines().take(2).collect::<Vec<_>>().join("\n")
-        + "\nD-C,service,act";
+    let cut: String = good.lines().take(2).collect::<Vec<_>>().join("\n") + "\nD-C,service,act";
     std::fs::write(f.path("devices.csv"), cut).unwrap();
-    let (s, body) = c.request(Method::POST, "/v1/registry/reload", None).await.unwrap();
+    let (s, body) = c
+        .request(Method::POST, "/v1/registry/reload", None)
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&body);
     assert_eq!(s, 422, "{text}");
-    assert!(text.contains("devices.csv:3"), "error names file and line: {text}");
+    assert!(
+        text.contains("devices.csv:3"),
+        "error names file and line: {text}"
+    );
     assert_eq!(d.metric("pforte_registry_reload_failures_total"), Some(1.0));
     assert!(d.log().contains("devices.csv:3"), "{}", d.log());
     // The old registry still decides: D-B is known.
-    let (s, _) = c.connect_request(&connect_req(&devs[1], "bob", "k1")).await.unwrap();
+    let (s, _) = c
+        .connect_request(&connect_req(&devs[1], "bob", "k1"))
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     // A bad value in a complete row is refused the same way.
     std::fs::write(f.path("devices.csv"), good.replace("service", "servic")).unwrap();
-    let (s, _) = c.request(Method::POST, "/v1/registry/reload", None).await.unwrap();
+    let (s, _) = c
+        .request(Method::POST, "/v1/registry/reload", None)
+        .await
+        .unwrap();
     assert_eq!(s, 422);
     assert_eq!(d.metric("pforte_registry_reload_failures_total"), Some(2.0));
 }
@@ -129,10 +146,15 @@ async fn sighup_reload_revokes_a_blocked_device() {
     let mut c = d.client().await;
     for (i, dv) in devs.iter().enumerate() {
         let user = dv.users.clone();
-        let (s, _) = c.connect_request(&connect_req(dv, &user, &format!("k{i}"))).await.unwrap();
+        let (s, _) = c
+            .connect_request(&connect_req(dv, &user, &format!("k{i}")))
+            .await
+            .unwrap();
         assert_eq!(s, 200);
     }
-    let before = d.metric("pforte_registry_last_success_timestamp_seconds").unwrap();
+    let before = d
+        .metric("pforte_registry_last_success_timestamp_seconds")
+        .unwrap();
     assert!(before > 0.0);
     f.write_devices(&[
         devs[0].clone(),
@@ -149,8 +171,14 @@ async fn sighup_reload_revokes_a_blocked_device() {
         d.metric("pforte_registry_devices{ownership=\"service\",status=\"blocked\"}"),
         Some(1.0)
     );
-    let (s, r) = c.connect_request(&connect_req(&devs[1], "bob", "k9")).await.unwrap();
-    assert_eq!((s, r.reason.map(|r| r.as_str())), (403, Some("device_blocked")));
+    let (s, r) = c
+        .connect_request(&connect_req(&devs[1], "bob", "k9"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, r.reason.map(|r| r.as_str())),
+        (403, Some("device_blocked"))
+    );
 }
 
 #[tokio::test]
@@ -159,13 +187,24 @@ async fn file_change_is_picked_up_without_a_signal() {
     let d = f.start();
     let mut c = d.client().await;
     let newcomer = Dev::good("D-NEW", "bob");
-    let (s, _) = c.connect_request(&connect_req(&newcomer, "bob", "k1")).await.unwrap();
+    let (s, _) = c
+        .connect_request(&connect_req(&newcomer, "bob", "k1"))
+        .await
+        .unwrap();
     assert_eq!(s, 403);
     f.write_devices(&[Dev::good("D-A", "alice"), newcomer.clone()]);
-    wait_for("the new device to be loaded", Duration::from_secs(10), || {
-        d.metric("pforte_registry_devices{ownership=\"service\",status=\"active\"}") == Some(2.0)
-    });
-    let (s, _) = c.connect_request(&connect_req(&newcomer, "bob", "k2")).await.unwrap();
+    wait_for(
+        "the new device to be loaded",
+        Duration::from_secs(10),
+        || {
+            d.metric("pforte_registry_devices{ownership=\"service\",status=\"active\"}")
+                == Some(2.0)
+        },
+    );
+    let (s, _) = c
+        .connect_request(&connect_req(&newcomer, "bob", "k2"))
+        .await
+        .unwrap();
     assert_eq!(s, 200);
 }
 
@@ -186,16 +225,28 @@ async fn org_unit_exception_takes_effect_on_reload() {
     );
     let d = f.start();
     let mut c = d.client().await;
-    let (s, r) = c.connect_request(&connect_req(&dora, "dora", "k1")).await.unwrap();
-    assert_eq!((s, r.reason.map(|r| r.as_str())), (403, Some("remote_work_not_permitted")));
+    let (s, r) = c
+        .connect_request(&connect_req(&dora, "dora", "k1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, r.reason.map(|r| r.as_str())),
+        (403, Some("remote_work_not_permitted"))
+    );
     let text = std::fs::read_to_string(f.config()).unwrap().replace(
         "name = \"social\"\nlevel = 3",
         "name = \"social\"\nlevel = 3\nremote_exception = true",
     );
     std::fs::write(f.config(), text).unwrap();
-    let (s, body) = c.request(Method::POST, "/v1/registry/reload", None).await.unwrap();
+    let (s, body) = c
+        .request(Method::POST, "/v1/registry/reload", None)
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
-    let (s, r) = c.connect_request(&connect_req(&dora, "dora", "k2")).await.unwrap();
+    let (s, r) = c
+        .connect_request(&connect_req(&dora, "dora", "k2"))
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{r:?}");
 }
 
@@ -203,7 +254,11 @@ async fn org_unit_exception_takes_effect_on_reload() {
 async fn world_writable_registry_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::new(Setup::default(), &[Dev::good("D-A", "alice")]);
-    std::fs::set_permissions(f.path("devices.csv"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(
+        f.path("devices.csv"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
     let out = std::process::Command::new(bin())
         .args(["serve", "--config"])
         .arg(f.config())
@@ -211,5 +266,8 @@ async fn world_writable_registry_is_refused_at_start() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("devices.csv") && err.contains("writable"), "{err}");
+    assert!(
+        err.contains("devices.csv") && err.contains("writable"),
+        "{err}"
+    );
 }

@@ -4,5 +4,5 @@
 mod cli;
 mod common;
 mod daemon;
-mod lifecycle;
 mod hook;
+mod lifecycle;

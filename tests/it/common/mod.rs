@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod openvpn;
+
 use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,8 @@ pub struct Setup {
     pub socket_mode: &'static str,
     pub extra: String,
     pub watch_interval_s: u64,
+    /// The office zone's address pool (for OpenVPN tests: the server's tunnel net).
+    pub pool: String,
 }
 
 impl Default for Setup {
@@ -127,6 +131,7 @@ impl Default for Setup {
             socket_mode: "0660",
             extra: String::new(),
             watch_interval_s: 1,
+            pool: "10.213.0.0/24".into(),
         }
     }
 }
@@ -239,7 +244,7 @@ level = 3
 [[zones]]
 name = "office"
 level = 1
-pool = "10.213.0.0/24"
+pool = "{pool}"
 routes = ["10.1.0.0/16"]
 
 [[zones]]
@@ -256,6 +261,7 @@ level = 0
             per_user = s.per_user,
             quota = s.finance_quota,
             extra = s.extra,
+            pool = s.pool,
         );
         std::fs::write(self.config(), text).unwrap();
     }
@@ -351,7 +357,9 @@ impl Daemon {
     }
 
     pub fn metrics(&self) -> String {
-        http_get(self.port, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get(self.port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     /// The value of one metric line (exact series text before the value).
@@ -389,9 +397,7 @@ impl Drop for Daemon {
 
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find(|l| {
-            l.starts_with(series) && l[series.len()..].starts_with(' ')
-        })
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
@@ -426,7 +432,11 @@ pub fn http(
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.get(9..12)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     Some((status, body))
 }
 
