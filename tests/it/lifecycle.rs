@@ -221,7 +221,7 @@ async fn org_unit_exception_takes_effect_on_reload() {
             watch_interval_s: 0,
             ..Setup::default()
         },
-        &[dora.clone()],
+        std::slice::from_ref(&dora),
     );
     let d = f.start();
     let mut c = d.client().await;
