@@ -259,6 +259,18 @@ impl App {
         Some(s)
     }
 
+    /// Ends a session the VPN server no longer has (reconciliation); true if it was live.
+    pub async fn reap(&self, sel: &Selector, why: &str) -> bool {
+        let Some(s) = self.sessions.end(sel, None, unix_now()).await else {
+            return false;
+        };
+        tracing::info!(session = %s.id, why, "session reaped");
+        if let Some(audit) = &self.audit {
+            audit.record(&AuditRecord::end(&s, why), &self.metrics);
+        }
+        true
+    }
+
     /// Reloads config and registry; on success ends sessions whose device is no longer
     /// registered and active. On failure the old state stays and the failure is counted.
     pub async fn reload(self: &Arc<Self>, trigger: &str) -> Result<(usize, usize), LoadError> {

@@ -70,7 +70,8 @@ pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServeError> {
     Ok(Listeners { tcp, unix })
 }
 
-fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+/// Binds a Unix socket: removes a stale socket file first, sets the mode right after.
+pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     let err = |source| ServeError::Bind {
         what: path.display().to_string(),
         source,

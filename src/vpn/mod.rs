@@ -1,6 +1,8 @@
 //! VPN server integrations.
 
+pub mod management;
 pub mod openvpn;
+pub mod openvpn_mgmt;
 
 use std::sync::Arc;
 
@@ -19,8 +21,11 @@ pub fn spawn_all(
 ) {
     for instance in &config.openvpn {
         if instance.management.is_some() {
-            tracing::warn!(instance = %instance.instance, "OpenVPN management client not available in this build");
+            tasks.spawn(openvpn_mgmt::run(
+                instance.clone(),
+                app.clone(),
+                shutdown.clone(),
+            ));
         }
     }
-    let _ = (app, tasks, shutdown);
 }

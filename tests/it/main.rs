@@ -6,3 +6,5 @@ mod common;
 mod daemon;
 mod hook;
 mod lifecycle;
+mod openvpn_e2e;
+mod openvpn_mgmt_e2e;

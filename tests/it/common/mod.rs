@@ -63,6 +63,8 @@ pub struct Dev {
     pub patched_days_ago: i64,
     pub hwaddr: String,
     pub users: String,
+    /// A real certificate's fingerprint (OpenVPN tests); None: derived from the id.
+    pub cert_sha256: Option<String>,
 }
 
 impl Dev {
@@ -78,12 +80,15 @@ impl Dev {
             patched_days_ago: 3,
             hwaddr: String::new(),
             users: user.into(),
+            cert_sha256: None,
         }
     }
 
     /// Its certificate fingerprint (derived from the id), colon form.
     pub fn fp(&self) -> String {
-        fingerprint(&self.id)
+        self.cert_sha256
+            .clone()
+            .unwrap_or_else(|| fingerprint(&self.id))
     }
 }
 

@@ -1,0 +1,368 @@
+//! End to end with a real OpenVPN 2.6 server and its management interface: live byte counters,
+//! client-kill on revocation and operator kill, the pass-through socket, OpenVPN restarts, and
+//! decisions over management-client-auth (no script at all).
+
+use std::time::Duration;
+
+use hyper::Method;
+
+use crate::common::openvpn::{
+    self, Client, ClientCert, ClientNs, ClientOptions, Management, Pki, Server, ServerOptions,
+};
+use crate::common::*;
+
+struct Rig {
+    _work: tempfile::TempDir,
+    pki: Pki,
+    server: Server,
+    fixture: Fixture,
+    daemon: Daemon,
+}
+
+fn hook_lines(socket: &std::path::Path) -> Vec<String> {
+    let hook = format!("\"{} hook openvpn\"", bin().display());
+    vec![
+        "script-security 2".into(),
+        format!("setenv PFORTE_SOCKET {}", socket.display()),
+        "setenv PFORTE_ZONE office".into(),
+        "setenv PFORTE_INSTANCE office-udp".into(),
+        format!("client-connect {hook}"),
+        format!("client-disconnect {hook}"),
+    ]
+}
+
+/// A server with a management socket, and pforte connected to it. `client_auth`: decisions over
+/// the management interface instead of the script hook.
+fn rig(
+    client_auth: bool,
+    setup: Setup,
+    devices: impl Fn(&Pki) -> Vec<(Dev, ClientCert)>,
+) -> Option<(Rig, Vec<(Dev, ClientCert)>)> {
+    if !openvpn::available() {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pki = Pki::create(work.path()).unwrap();
+    let devs = devices(&pki);
+    // The socket path must be known before the server starts (setenv), so the fixture comes
+    // first with a placeholder pool, and its config is rewritten once the tunnel net is known.
+    let mut fixture = Fixture::new(
+        setup,
+        &devs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+    );
+    let extra = if client_auth {
+        vec![
+            "management-client-auth".to_string(),
+            "auth-user-pass-optional".to_string(),
+        ]
+    } else {
+        hook_lines(&fixture.socket())
+    };
+    let server = Server::start(
+        &pki,
+        ServerOptions {
+            management: true,
+            extra,
+            ..ServerOptions::default()
+        },
+    )
+    .unwrap();
+    fixture.setup.pool = server.tunnel_net().to_string();
+    fixture.setup.extra = format!(
+        "[[openvpn]]\ninstance = \"office-udp\"\nzone = \"office\"\nmanagement = \"{}\"\nclient_auth = {client_auth}\npassthrough = \"{}\"\nbytecount_interval_s = 1\nstatus_interval_s = 2\n",
+        server.management_socket().unwrap().display(),
+        fixture.path("run/office-mgmt.sock").display()
+    );
+    fixture.write_config();
+    let daemon = fixture.start();
+    wait_for(
+        "pforte to connect to the management interface",
+        Duration::from_secs(10),
+        || {
+            daemon.metric("pforte_openvpn_management_connected{instance=\"office-udp\"}")
+                == Some(1.0)
+        },
+    );
+    Some((
+        Rig {
+            _work: work,
+            pki,
+            server,
+            fixture,
+            daemon,
+        },
+        devs,
+    ))
+}
+
+/// A registry device for a fresh client certificate, hwaddr registered later per namespace.
+fn device(pki: &Pki, id: &str, user: &str) -> (Dev, ClientCert) {
+    let cert = pki.client(id, user).unwrap();
+    (
+        Dev {
+            cert_sha256: Some(cert.sha256.clone()),
+            ..Dev::good(id, user)
+        },
+        cert,
+    )
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Rig {
+    /// What to show when something fails: the ends of every log.
+    fn explain(&self, e: &str) -> String {
+        format!(
+            "{}\n--- server log ---\n{}\n--- pforte log ---\n{}\n--- audit ---\n{}",
+            tail(e, 8),
+            tail(&self.server.log(), 25),
+            tail(&self.daemon.log(), 25),
+            tail(
+                &std::fs::read_to_string(self.fixture.path("state/audit.log")).unwrap_or_default(),
+                10
+            )
+        )
+    }
+}
+
+fn client(rig: &Rig, cert: &ClientCert) -> (ClientNs, Client) {
+    let ns = ClientNs::create().unwrap();
+    let c = Client::connect(&ns, cert, &rig.server, ClientOptions::default()).unwrap();
+    (ns, c)
+}
+
+fn sessions(d: &Daemon) -> serde_json::Value {
+    let (s, body) = http_get_unix(&d.socket, "/v1/sessions");
+    assert_eq!(s, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+fn http_get_unix(socket: &std::path::Path, path: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = pforte::client::UnixClient::connect(socket).await.unwrap();
+        let (s, b) = c.request(Method::GET, path, None).await.unwrap();
+        (s, String::from_utf8_lossy(&b).into_owned())
+    })
+}
+
+fn http_unix(socket: &std::path::Path, method: Method, path: &str) -> u16 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = pforte::client::UnixClient::connect(socket).await.unwrap();
+        c.request(method, path, None).await.unwrap().0
+    })
+}
+
+#[test]
+fn script_mode_with_management_bytes_revocation_kill_passthrough() {
+    let Some((rig, devs)) = rig(
+        false,
+        Setup {
+            watch_interval_s: 0,
+            ..Setup::default()
+        },
+        |pki| {
+            vec![
+                device(pki, "alice-laptop", "alice"),
+                device(pki, "bob-laptop", "bob"),
+            ]
+        },
+    ) else {
+        return;
+    };
+    let (_ns_a, mut a) = client(&rig, &devs[0].1);
+    let (_ns_b, mut b) = client(&rig, &devs[1].1);
+    a.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    b.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    let d = &rig.daemon;
+    assert_eq!(d.metric("pforte_seats_used"), Some(2.0));
+
+    // Bytes of a real transfer appear in /metrics within seconds (bytecount).
+    let series = "pforte_session_received_bytes_total{org_unit=\"it\",zone=\"office\"}";
+    let before = d.metric(series).unwrap_or(0.0);
+    a.transfer(2_000_000).unwrap();
+    wait_for(
+        "bytecount to report the transfer",
+        Duration::from_secs(10),
+        || d.metric(series).unwrap_or(0.0) - before >= 2_000_000.0,
+    );
+
+    // The pass-through socket serves operators' tools while pforte is connected.
+    let mut m = Management::connect(
+        &rig.fixture.path("run/office-mgmt.sock"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let listed = m.status_clients().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        m.command("bytecount 0").is_err(),
+        "pforte keeps bytecount for itself"
+    );
+    drop(m);
+
+    // An operator kill disconnects the client (HALT: it does not come back).
+    let v = sessions(d);
+    let bob_id = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["username"] == "bob")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        http_unix(&d.socket, Method::DELETE, &format!("/v1/sessions/{bob_id}")),
+        200
+    );
+    b.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+
+    // Blocking alice's device in the registry disconnects her within seconds.
+    let blocked = Dev {
+        status: "blocked",
+        ..devs[0].0.clone()
+    };
+    rig.fixture.write_devices(&[blocked, devs[1].0.clone()]);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    a.wait_exit(Duration::from_secs(10)).unwrap();
+    wait_for("no sessions left", Duration::from_secs(10), || {
+        d.metric("pforte_seats_used") == Some(0.0)
+    });
+    assert!(
+        rig.server.log().contains("client-kill") || rig.server.log().contains("HALT"),
+        "{}",
+        rig.server.log()
+    );
+}
+
+#[test]
+fn openvpn_restart_neither_loses_nor_doubles_sessions() {
+    let Some((rig, devs)) = rig(false, Setup::default(), |pki| {
+        vec![device(pki, "carl", "alice")]
+    }) else {
+        return;
+    };
+    let (_ns, mut c) = client(&rig, &devs[0].1);
+    c.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    let d = &rig.daemon;
+    assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+    // SIGHUP restarts OpenVPN: the management connection drops, client ids restart, the client
+    // reconnects.
+    let old_key = sessions(d)["sessions"][0]["session_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = rig.server.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("the client to reconnect", Duration::from_secs(30), || {
+        c.log().matches("Initialization Sequence Completed").count() >= 2
+    });
+    // One client, one seat: the old session ended (by OpenVPN's client-disconnect at the
+    // restart, or by reconciliation), the new one counted once, and its key is the new one.
+    wait_for("management reconnect", Duration::from_secs(15), || {
+        d.metric("pforte_openvpn_management_connected{instance=\"office-udp\"}") == Some(1.0)
+    });
+    wait_for(
+        "seats to settle at one new session",
+        Duration::from_secs(30),
+        || {
+            let v = sessions(d);
+            d.metric("pforte_seats_used") == Some(1.0)
+                && v["count"] == 1
+                && v["sessions"][0]["session_key"].as_str() != Some(old_key.as_str())
+        },
+    );
+    c.ping(rig.server.tunnel_ip(), 2).unwrap();
+    let v = sessions(d);
+    assert_eq!(v["count"], 1, "{v}");
+}
+
+#[test]
+fn client_auth_mode_decides_without_scripts() {
+    let Some((rig, devs)) = rig(
+        true,
+        Setup {
+            max_sessions: 1,
+            ..Setup::default()
+        },
+        |pki| {
+            let mut v = vec![device(pki, "dana", "alice"), device(pki, "erin", "bob")];
+            let (mut p, id) = device(pki, "pat", "alice");
+            p.ownership = "private";
+            v.push((p, id));
+            v
+        },
+    ) else {
+        return;
+    };
+    let d = &rig.daemon;
+    // Allowed: address from pforte's pool, pings through the tunnel.
+    let (_ns1, mut dana) = client(&rig, &devs[0].1);
+    dana.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    let v = sessions(d);
+    assert_eq!(v["count"], 1);
+    let ip = dana.tunnel_ip().unwrap();
+    assert_eq!(
+        v["sessions"][0]["tunnel_ip"].as_str().unwrap(),
+        ip.to_string()
+    );
+    dana.ping(rig.server.tunnel_ip(), 2).unwrap();
+    assert!(
+        !rig.server.log().contains("client-connect"),
+        "no script runs in this mode"
+    );
+
+    // A private device: refused with its reason, which the client sees.
+    let (_ns2, pat) = client(&rig, &devs[2].1);
+    pat.wait_refused(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert!(
+        pat.auth_failed_message()
+            .unwrap_or_default()
+            .contains("private_device"),
+        "{}",
+        pat.log()
+    );
+    // Past the seats.
+    let (_ns3, erin) = client(&rig, &devs[1].1);
+    erin.wait_refused(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert!(
+        erin.auth_failed_message()
+            .unwrap_or_default()
+            .contains("capacity_full")
+    );
+    assert_eq!(
+        d.metric("pforte_decisions_total{decision=\"deny\",reason=\"private_device\"}"),
+        Some(1.0)
+    );
+    // Disconnect frees the seat (>CLIENT:DISCONNECT).
+    dana.stop();
+    wait_for("the seat to be freed", Duration::from_secs(15), || {
+        d.metric("pforte_seats_used") == Some(0.0)
+    });
+    let (_ns4, mut erin2) = client(&rig, &devs[1].1);
+    erin2
+        .wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+}
