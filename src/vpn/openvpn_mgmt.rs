@@ -104,7 +104,7 @@ pub async fn run(inst: OpenvpnInstance, app: Arc<App>, mut shutdown: watch::Rece
             Err(e) => {
                 failures += 1;
                 // Log the first failure and then every tenth, not every attempt.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(instance = %inst.instance, socket = %path.display(), error = %e, attempts = failures, "cannot reach the OpenVPN management interface");
                 }
             }
