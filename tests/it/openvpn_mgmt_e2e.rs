@@ -13,7 +13,7 @@ use crate::common::*;
 
 struct Rig {
     _work: tempfile::TempDir,
-    pki: Pki,
+    _pki: Pki,
     server: Server,
     fixture: Fixture,
     daemon: Daemon,
@@ -86,7 +86,7 @@ fn rig(
     Some((
         Rig {
             _work: work,
-            pki,
+            _pki: pki,
             server,
             fixture,
             daemon,
@@ -365,4 +365,43 @@ fn client_auth_mode_decides_without_scripts() {
     erin2
         .wait_connected(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+}
+
+#[test]
+fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
+    let Some((mut rig, devs)) = rig(false, Setup::default(), |pki| {
+        vec![device(pki, "gus", "alice"), device(pki, "hal", "bob")]
+    }) else {
+        return;
+    };
+    let (_ns1, mut gus) = client(&rig, &devs[0].1);
+    let (_ns2, mut hal) = client(&rig, &devs[1].1);
+    gus.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    hal.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert_eq!(rig.daemon.metric("pforte_seats_used"), Some(2.0));
+    // pforte goes down; meanwhile gus leaves (his client-disconnect cannot reach pforte).
+    rig.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = rig.daemon.child.wait();
+    gus.stop();
+    rig.server
+        .wait_log("client-instance exiting", 1, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    // Restarted: both sessions come back from the store, then reconciliation with OpenVPN's
+    // client list reaps gus's (older than the grace period) and keeps hal's.
+    std::thread::sleep(Duration::from_secs(3));
+    rig.daemon = rig.fixture.start();
+    let d = &rig.daemon;
+    wait_for(
+        "the departed session to be reaped",
+        Duration::from_secs(20),
+        || d.metric("pforte_seats_used") == Some(1.0),
+    );
+    assert_eq!(
+        d.metric("pforte_sessions_reaped_total{instance=\"office-udp\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sessions(d)["sessions"][0]["username"], "bob");
+    hal.ping(rig.server.tunnel_ip(), 2).unwrap();
 }
