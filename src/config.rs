@@ -418,17 +418,31 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Reads and validates a config file with the given override variables.
 pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError {
+            file: path.display().to_string(),
+            key: "-".into(),
+            problem: "file not found or not a regular file".into(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        key: "-".into(),
+        problem: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path, env)
+}
+
+/// Parses config text as if read from `path` (for tests and fuzzing: no file access).
+pub fn parse(text: &str, path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let err = |key: &str, problem: String| ConfigError {
         file: file.clone(),
         key: key.to_string(),
         problem,
     };
-    if !path.is_file() {
-        return Err(err("-", "file not found or not a regular file".into()));
-    }
     let built = config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .add_source(
             config::Environment::with_prefix("PFORTE")
                 .prefix_separator("_")
