@@ -149,11 +149,25 @@ impl App {
         }
         let today = chrono::Utc::now().date_naive();
         let outcome = match policy::evaluate(&req, &snap.rules, &snap.registry, today) {
-            Ok(adm) => self
+            Ok(adm) => match self
                 .sessions
                 .admit(&adm, &req, &snap.rules.capacity, unix_now())
                 .await
-                .map(|s| (adm, s)),
+            {
+                Ok(s) => Ok((adm, s)),
+                Err(d) => {
+                    if matches!(
+                        d.reason,
+                        Reason::CapacityFull | Reason::OrgUnitQuota | Reason::UserSessionLimit
+                    ) {
+                        self.metrics
+                            .capacity_refusals
+                            .with_label_values(&[&adm.org_unit, d.reason.as_str()])
+                            .inc();
+                    }
+                    Err(d)
+                }
+            },
             Err(d) => Err(d),
         };
         let response = match &outcome {

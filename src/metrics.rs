@@ -63,6 +63,8 @@ pub struct Metrics {
     pub sessions_reaped: IntCounterVec,
     /// Audit log write failures.
     pub audit_errors: IntCounter,
+    /// Capacity refusals by org unit and reason.
+    pub capacity_refusals: IntCounterVec,
 }
 
 fn counter_vec(
@@ -222,18 +224,24 @@ impl Metrics {
                 &r,
                 "pforte_openvpn_management_connected",
                 "1 while connected to the OpenVPN management interface.",
-                &["instance"],
+                &["vpn_instance"],
             )?,
             sessions_reaped: counter_vec(
                 &r,
                 "pforte_sessions_reaped_total",
                 "Sessions ended because the VPN server no longer had them.",
-                &["instance"],
+                &["vpn_instance"],
             )?,
             audit_errors: counter(
                 &r,
                 "pforte_audit_errors_total",
                 "Audit log writes that failed.",
+            )?,
+            capacity_refusals: counter_vec(
+                &r,
+                "pforte_capacity_refusals_total",
+                "Refusals for capacity (capacity_full, org_unit_quota, user_session_limit) by org unit.",
+                &["org_unit", "reason"],
             )?,
             registry: r,
         })
@@ -251,6 +259,14 @@ impl Metrics {
         self.seats_reserved
             .set(i64::from(rules.capacity.reserved_seats));
         for ou in rules.org_units.values() {
+            for reason in [
+                Reason::CapacityFull,
+                Reason::OrgUnitQuota,
+                Reason::UserSessionLimit,
+            ] {
+                self.capacity_refusals
+                    .with_label_values(&[&ou.name, reason.as_str()]);
+            }
             self.org_unit_quota
                 .with_label_values(&[&ou.name])
                 .set(i64::from(ou.quota));

@@ -79,6 +79,9 @@ pub async fn run(inst: OpenvpnInstance, app: Arc<App>, mut shutdown: watch::Rece
         .openvpn_management_connected
         .with_label_values(&[&inst.instance]);
     gauge.set(0);
+    app.metrics
+        .sessions_reaped
+        .with_label_values(&[&inst.instance]);
     let mut backoff = Duration::from_millis(250);
     let mut failures = 0u32;
     loop {

@@ -8,3 +8,4 @@ mod hook;
 mod lifecycle;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
+mod ops;

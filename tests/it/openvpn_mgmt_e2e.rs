@@ -79,7 +79,7 @@ fn rig(
         "pforte to connect to the management interface",
         Duration::from_secs(10),
         || {
-            daemon.metric("pforte_openvpn_management_connected{instance=\"office-udp\"}")
+            daemon.metric("pforte_openvpn_management_connected{vpn_instance=\"office-udp\"}")
                 == Some(1.0)
         },
     );
@@ -279,7 +279,7 @@ fn openvpn_restart_neither_loses_nor_doubles_sessions() {
     // One client, one seat: the old session ended (by OpenVPN's client-disconnect at the
     // restart, or by reconciliation), the new one counted once, and its key is the new one.
     wait_for("management reconnect", Duration::from_secs(15), || {
-        d.metric("pforte_openvpn_management_connected{instance=\"office-udp\"}") == Some(1.0)
+        d.metric("pforte_openvpn_management_connected{vpn_instance=\"office-udp\"}") == Some(1.0)
     });
     wait_for(
         "seats to settle at one new session",
@@ -399,7 +399,7 @@ fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
         || d.metric("pforte_seats_used") == Some(1.0),
     );
     assert_eq!(
-        d.metric("pforte_sessions_reaped_total{instance=\"office-udp\"}"),
+        d.metric("pforte_sessions_reaped_total{vpn_instance=\"office-udp\"}"),
         Some(1.0)
     );
     assert_eq!(sessions(d)["sessions"][0]["username"], "bob");
