@@ -117,7 +117,7 @@ pub struct App {
     /// Metrics.
     pub metrics: Metrics,
     /// Audit log.
-    pub audit: Option<Audit>,
+    pub audit: Option<Arc<Audit>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -127,7 +127,7 @@ impl App {
         state: Arc<State>,
         sessions: Arc<Sessions>,
         metrics: Metrics,
-        audit: Option<Audit>,
+        audit: Option<Arc<Audit>>,
     ) -> Arc<App> {
         Arc::new(App {
             state,
@@ -151,7 +151,9 @@ impl App {
         let outcome = match policy::evaluate(&req, &snap.rules, &snap.registry, today) {
             Ok(adm) => match self
                 .sessions
-                .admit(&adm, &req, &snap.rules.capacity, unix_now())
+                .admit(&adm, &req, &snap.rules.capacity, unix_now(), |s| {
+                    self.audit_line(&AuditRecord::allow(&req, s))
+                })
                 .await
             {
                 Ok(s) => Ok((adm, s)),
@@ -223,7 +225,13 @@ impl App {
         }
     }
 
-    /// Counts and audits a decision (also for requests that never reached the policy).
+    /// An audit line, if there is an audit log.
+    fn audit_line(&self, rec: &AuditRecord<'_>) -> Option<Vec<u8>> {
+        self.audit.as_ref().map(|_| Audit::encode(rec))
+    }
+
+    /// Counts a decision and audits a refusal (also for requests that never reached the
+    /// policy). Allows are audited with their session's commit.
     pub fn record_decision(
         &self,
         req: &ConnectRequest,
@@ -235,7 +243,9 @@ impl App {
             .decisions
             .with_label_values(&[resp.decision.as_str(), reason])
             .inc();
-        if let Some(audit) = &self.audit {
+        if !resp.allowed()
+            && let Some(audit) = &self.audit
+        {
             audit.record(&AuditRecord::decision(req, resp, session), &self.metrics);
         }
     }
@@ -250,38 +260,45 @@ impl App {
             (None, Some(tx)) => Some((0, tx)),
             (None, None) => None,
         };
-        let ended = self.sessions.end(&sel, bytes, unix_now()).await;
+        let ended = self
+            .sessions
+            .end(&sel, bytes, unix_now(), |s| {
+                self.audit_line(&AuditRecord::end(s, "disconnect"))
+            })
+            .await;
         match &ended {
             Some(s) => tracing::debug!(session = %s.id, "session ended"),
             None => {
                 tracing::info!(selector = ?sel, "disconnect for an unknown session (refused connect or repeat)")
             }
         }
-        if let (Some(audit), Some(s)) = (&self.audit, &ended) {
-            audit.record(&AuditRecord::end(s, "disconnect"), &self.metrics);
-        }
         Ok(ended)
     }
 
     /// Ends a session and asks its VPN server to drop the client.
     pub async fn kill(&self, sel: &Selector, why: &str) -> Option<Session> {
-        let s = self.sessions.kill(sel, why, unix_now()).await?;
+        let s = self
+            .sessions
+            .kill(sel, why, unix_now(), |s| {
+                self.audit_line(&AuditRecord::end(s, why))
+            })
+            .await?;
         tracing::info!(session = %s.id, why, "session killed");
-        if let Some(audit) = &self.audit {
-            audit.record(&AuditRecord::end(&s, why), &self.metrics);
-        }
         Some(s)
     }
 
     /// Ends a session the VPN server no longer has (reconciliation); true if it was live.
     pub async fn reap(&self, sel: &Selector, why: &str) -> bool {
-        let Some(s) = self.sessions.end(sel, None, unix_now()).await else {
+        let Some(s) = self
+            .sessions
+            .end(sel, None, unix_now(), |s| {
+                self.audit_line(&AuditRecord::end(s, why))
+            })
+            .await
+        else {
             return false;
         };
         tracing::info!(session = %s.id, why, "session reaped");
-        if let Some(audit) = &self.audit {
-            audit.record(&AuditRecord::end(&s, why), &self.metrics);
-        }
         true
     }
 

@@ -83,6 +83,26 @@ impl<'a> AuditRecord<'a> {
         }
     }
 
+    /// An allow, with the session it opened.
+    pub fn allow(req: &'a ConnectRequest, session: &'a Session) -> AuditRecord<'a> {
+        AuditRecord {
+            time: now(),
+            event: "decision",
+            decision: Some("allow"),
+            reason: None,
+            vpn: &req.vpn,
+            instance: &req.instance,
+            zone: &session.zone,
+            org_unit: &session.org_unit,
+            device_id: &session.device_id,
+            username: req.identity(),
+            remote_addr: &req.remote_addr,
+            session_id: Some(&session.id),
+            bytes_received: None,
+            bytes_sent: None,
+        }
+    }
+
     /// A session end.
     pub fn end(s: &'a Session, why: &str) -> AuditRecord<'a> {
         AuditRecord {
@@ -136,26 +156,34 @@ impl Audit {
         })
     }
 
+    /// One record as a JSON line.
+    pub fn encode(rec: &AuditRecord<'_>) -> Vec<u8> {
+        let mut line = serde_json::to_vec(rec).unwrap_or_else(|e| {
+            format!("{{\"event\":\"unencodable\",\"error\":\"{e}\"}}").into_bytes()
+        });
+        line.push(b'\n');
+        line
+    }
+
     /// Appends one record. A failure is logged and counted; it does not change the decision.
     pub fn record(&self, rec: &AuditRecord<'_>, metrics: &Metrics) {
-        let mut line = match serde_json::to_vec(rec) {
-            Ok(l) => l,
-            Err(e) => {
-                metrics.audit_errors.inc();
-                tracing::error!(%e, "audit record could not be encoded");
-                return;
-            }
-        };
-        line.push(b'\n');
+        self.write(&Audit::encode(rec), metrics);
+    }
+
+    /// Appends whole lines with one write (the store's writer hands over a batch at a time).
+    pub fn write(&self, lines: &[u8], metrics: &Metrics) {
+        if lines.is_empty() {
+            return;
+        }
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if w.size + line.len() as u64 > self.max_bytes
+        if w.size + lines.len() as u64 > self.max_bytes
             && let Err(e) = self.rotate(&mut w)
         {
             metrics.audit_errors.inc();
             tracing::error!(%e, path = %self.path.display(), "audit log rotation failed");
         }
-        match w.file.write_all(&line) {
-            Ok(()) => w.size += line.len() as u64,
+        match w.file.write_all(lines) {
+            Ok(()) => w.size += lines.len() as u64,
             Err(e) => {
                 metrics.audit_errors.inc();
                 tracing::error!(%e, path = %self.path.display(), "audit log write failed");

@@ -503,7 +503,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
                 ));
             }
         },
-        durability: match raw.store.synchronous.as_deref().unwrap_or("full") {
+        durability: match raw.store.synchronous.as_deref().unwrap_or("normal") {
             "full" => crate::store::Durability::Full,
             "normal" => crate::store::Durability::Normal,
             other => {

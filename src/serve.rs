@@ -128,9 +128,21 @@ pub async fn run(
     );
     let state = Arc::new(State::new(&config, snapshot));
 
+    let audit = match &config.audit.path {
+        Some(p) => Some(Arc::new(
+            Audit::open(p, config.audit.max_bytes, config.audit.keep)
+                .map_err(|e| ServeError::Start(format!("{}: audit log: {e}", p.display())))?,
+        )),
+        None => None,
+    };
     let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;
     let stored = sqlite.load()?;
-    let (store, _writer) = store::spawn_writer(sqlite, metrics.clone())?;
+    let (store, _writer) = store::spawn_writer(
+        sqlite,
+        metrics.clone(),
+        audit.clone(),
+        config.store.fail_mode == crate::config::FailMode::Open,
+    )?;
     let sessions = Sessions::new(store, metrics.clone(), config.store.fail_mode);
     sessions.set_pools(
         config
@@ -142,13 +154,6 @@ pub async fn run(
     tracing::info!(sessions = stored.len(), "sessions restored from the store");
     sessions.restore(stored);
 
-    let audit = match &config.audit.path {
-        Some(p) => Some(
-            Audit::open(p, config.audit.max_bytes, config.audit.keep)
-                .map_err(|e| ServeError::Start(format!("{}: audit log: {e}", p.display())))?,
-        ),
-        None => None,
-    };
     let app = App::new(state.clone(), sessions.clone(), metrics.clone(), audit);
     let api = Api::new(app.clone(), config.server.clone(), token);
 

@@ -158,6 +158,31 @@ pub struct Sessions {
     metrics: Metrics,
     fail_mode: FailMode,
     kills: broadcast::Sender<KillRequest>,
+    ids: SessionIds,
+}
+
+/// Session ids: a random prefix drawn once per start and a counter, so ids are unique across
+/// restarts without a system call per session.
+struct SessionIds {
+    prefix: u64,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl SessionIds {
+    fn new() -> SessionIds {
+        let r = uuid::Uuid::new_v4().as_u64_pair();
+        SessionIds {
+            prefix: r.0 ^ r.1,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.prefix)
+    }
 }
 
 impl Sessions {
@@ -170,6 +195,7 @@ impl Sessions {
             metrics,
             fail_mode,
             kills,
+            ids: SessionIds::new(),
         })
     }
 
@@ -276,6 +302,7 @@ impl Sessions {
         req: &ConnectRequest,
         capacity: &Capacity,
         now_unix: i64,
+        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Result<Session, Denial> {
         let (session, replaced) = {
             let mut t = self.lock();
@@ -311,7 +338,7 @@ impl Sessions {
                 None => (req.tunnel_ip.parse().ok(), false),
             };
             let session = Session {
-                id: uuid::Uuid::new_v4().simple().to_string(),
+                id: self.ids.next(),
                 vpn: req.vpn.clone(),
                 instance: req.instance.clone(),
                 session_key: req.session_key.clone(),
@@ -334,11 +361,12 @@ impl Sessions {
         };
         if let Some(old) = replaced {
             self.account_end(&old, now_unix);
-            self.store.queue(StoreOp::Delete(old.id));
+            self.store.queue(StoreOp::Delete(old.id), None);
         }
+        let line = audit_line(&session);
         match self
             .store
-            .commit(StoreOp::Insert(Box::new(session.clone())))
+            .commit(StoreOp::Insert(Box::new(session.clone())), line)
             .await
         {
             Ok(()) => Ok(session),
@@ -379,6 +407,7 @@ impl Sessions {
         sel: &Selector,
         final_bytes: Option<(u64, u64)>,
         now_unix: i64,
+        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Option<Session> {
         let mut s = {
             let mut t = self.lock();
@@ -391,7 +420,8 @@ impl Sessions {
             s.bytes_sent = tx;
         }
         self.account_end(&s, now_unix);
-        if let Err(e) = self.store.commit(StoreOp::Delete(s.id.clone())).await {
+        let line = audit_line(&s);
+        if let Err(e) = self.store.commit(StoreOp::Delete(s.id.clone()), line).await {
             // The writer keeps the delete and retries it; the seat is free in memory now.
             tracing::warn!(error = %e, "session end not yet persisted; will retry");
         }
@@ -399,8 +429,14 @@ impl Sessions {
     }
 
     /// Ends a session and asks the VPN server to drop it.
-    pub async fn kill(&self, sel: &Selector, why: &str, now_unix: i64) -> Option<Session> {
-        let s = self.end(sel, None, now_unix).await?;
+    pub async fn kill(
+        &self,
+        sel: &Selector,
+        why: &str,
+        now_unix: i64,
+        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
+    ) -> Option<Session> {
+        let s = self.end(sel, None, now_unix, audit_line).await?;
         // No receiver (no VPN integration running) is fine: the table is already right.
         let _ = self.kills.send(KillRequest {
             session: s.clone(),
@@ -425,11 +461,14 @@ impl Sessions {
             (before, (received, sent))
         };
         self.account_bytes(&s, rx, tx);
-        self.store.queue(StoreOp::Bytes {
-            id: s.id,
-            received,
-            sent,
-        });
+        self.store.queue(
+            StoreOp::Bytes {
+                id: s.id,
+                received,
+                sent,
+            },
+            None,
+        );
         true
     }
 
@@ -505,7 +544,7 @@ impl Sessions {
         }
         t.by_key.insert(new, id.to_string());
         drop(t);
-        self.store.queue(StoreOp::Insert(Box::new(copy)));
+        self.store.queue(StoreOp::Insert(Box::new(copy)), None);
         true
     }
 }

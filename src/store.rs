@@ -7,13 +7,14 @@
 //! after its commit: a crash loses nothing already acknowledged.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
+use crate::audit::Audit;
 use crate::metrics::Metrics;
 use crate::sessions::Session;
 
@@ -206,7 +207,8 @@ impl SessionStore for SqliteStore {
 type Ack = oneshot::Sender<Result<(), String>>;
 
 enum Job {
-    Op(StoreOp, Option<Ack>),
+    /// A change, who waits for its commit, and its audit line.
+    Op(StoreOp, Option<Ack>, Option<Vec<u8>>),
     Flush(Ack),
 }
 
@@ -237,14 +239,27 @@ impl StoreWriter {
 const MAX_BATCH: usize = 4096;
 
 /// Starts the writer thread over a store.
+/// Audit lines that ride with a change are written with its batch, right after the commit and
+/// before anyone is answered: one write for many decisions. The line of an insert that fails
+/// is written only when `admit_unrecorded` (fail mode open: the session is admitted anyway).
 pub fn spawn_writer<S: SessionStore>(
     mut store: S,
     metrics: Metrics,
+    audit: Option<Arc<Audit>>,
+    admit_unrecorded: bool,
 ) -> Result<(StoreHandle, StoreWriter), StoreError> {
     let (tx, rx) = mpsc::channel::<Job>();
     let handle = std::thread::Builder::new()
         .name("pforte-store".into())
-        .spawn(move || writer_loop(&mut store, &rx, &metrics))?;
+        .spawn(move || {
+            writer_loop(
+                &mut store,
+                &rx,
+                &metrics,
+                audit.as_deref(),
+                admit_unrecorded,
+            )
+        })?;
     Ok((
         StoreHandle { tx },
         StoreWriter {
@@ -253,7 +268,13 @@ pub fn spawn_writer<S: SessionStore>(
     ))
 }
 
-fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics: &Metrics) {
+fn writer_loop<S: SessionStore>(
+    store: &mut S,
+    rx: &mpsc::Receiver<Job>,
+    metrics: &Metrics,
+    audit: Option<&Audit>,
+    admit_unrecorded: bool,
+) {
     // Changes whose commit failed and that no caller waits for (ends, byte counts): retried
     // until the disk takes them, so a disk-full spell does not leave ended sessions behind.
     let mut retry: Vec<StoreOp> = Vec::new();
@@ -271,8 +292,19 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
         let mut ops: Vec<StoreOp> = std::mem::take(&mut retry);
         let mut acks: Vec<(usize, Ack)> = Vec::new();
         let mut flushes: Vec<Ack> = Vec::new();
+        // Audit lines of inserts (written only if the insert commits) and of everything else
+        // (ends happened whether or not the disk takes them now).
+        let mut insert_lines: Vec<u8> = Vec::new();
+        let mut other_lines: Vec<u8> = Vec::new();
         let mut take = |job: Job, ops: &mut Vec<StoreOp>| match job {
-            Job::Op(op, ack) => {
+            Job::Op(op, ack, line) => {
+                if let Some(line) = line {
+                    if matches!(op, StoreOp::Insert(_)) {
+                        insert_lines.extend_from_slice(&line);
+                    } else {
+                        other_lines.extend_from_slice(&line);
+                    }
+                }
                 if let Some(ack) = ack {
                     acks.push((ops.len(), ack));
                 }
@@ -290,6 +322,9 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
             }
         }
         if ops.is_empty() {
+            if let Some(a) = audit {
+                a.write(&other_lines, metrics);
+            }
             for f in flushes {
                 let _ = f.send(Ok(()));
             }
@@ -298,6 +333,10 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
         match store.apply(&ops) {
             Ok(()) => {
                 metrics.store_healthy.set(1);
+                if let Some(a) = audit {
+                    insert_lines.extend_from_slice(&other_lines);
+                    a.write(&insert_lines, metrics);
+                }
                 for (_, ack) in acks {
                     let _ = ack.send(Ok(()));
                 }
@@ -308,6 +347,14 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
             Err(e) => {
                 metrics.store_errors.inc();
                 metrics.store_healthy.set(0);
+                if let Some(a) = audit {
+                    if admit_unrecorded {
+                        insert_lines.extend_from_slice(&other_lines);
+                        a.write(&insert_lines, metrics);
+                    } else {
+                        a.write(&other_lines, metrics);
+                    }
+                }
                 tracing::error!(error = %e, changes = ops.len(), "session store commit failed");
                 let acked: std::collections::HashSet<usize> =
                     acks.iter().map(|(i, _)| *i).collect();
@@ -319,9 +366,8 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
                     .filter(|(i, op)| !(acked.contains(i) && matches!(op, StoreOp::Insert(_))))
                     .map(|(_, op)| op)
                     .collect();
-                for (i, ack) in acks {
+                for (_, ack) in acks {
                     let _ = ack.send(Err(e.to_string()));
-                    let _ = i;
                 }
                 for f in flushes {
                     let _ = f.send(Err(e.to_string()));
@@ -341,18 +387,18 @@ fn writer_loop<S: SessionStore>(store: &mut S, rx: &mpsc::Receiver<Job>, metrics
 }
 
 impl StoreHandle {
-    /// Queues a change and waits for its commit.
-    pub async fn commit(&self, op: StoreOp) -> Result<(), String> {
+    /// Queues a change (with its audit line) and waits for its commit.
+    pub async fn commit(&self, op: StoreOp, audit_line: Option<Vec<u8>>) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Job::Op(op, Some(tx)))
+            .send(Job::Op(op, Some(tx), audit_line))
             .map_err(|_| StoreError::Stopped.to_string())?;
         rx.await.map_err(|_| StoreError::Stopped.to_string())?
     }
 
-    /// Queues a change without waiting (live byte counters).
-    pub fn queue(&self, op: StoreOp) {
-        if self.tx.send(Job::Op(op, None)).is_err() {
+    /// Queues a change (with its audit line) without waiting.
+    pub fn queue(&self, op: StoreOp, audit_line: Option<Vec<u8>>) {
+        if self.tx.send(Job::Op(op, None, audit_line)).is_err() {
             tracing::warn!("session store writer has stopped; change dropped");
         }
     }

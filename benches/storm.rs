@@ -1,0 +1,647 @@
+//! pforte's load generator and benchmarks: runs the real daemon (release build) on a generated
+//! registry and drives it over its Unix socket with the project's own client.
+//!
+//! ```sh
+//! cargo bench --bench storm -- pairs  --devices 10000 --pairs 200000 --concurrency 32
+//! cargo bench --bench storm -- steady --devices 10000 --rate 1000 --seconds 10
+//! cargo bench --bench storm -- storm  --devices 1000000 --connects 100000 --concurrency 64
+//! cargo bench --bench storm -- scrape --sessions 100 --sessions-large 100000
+//! cargo bench --bench storm -- load   --devices 1000000
+//! ```
+//! Every mode prints its figures; `storm` has a progress line on stderr.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use pforte::app::DisconnectRequest;
+use pforte::client::UnixClient;
+use pforte::policy::ConnectRequest;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+    /// cargo bench passes --bench; ignored.
+    #[arg(long, global = true, hide = true)]
+    bench: bool,
+    /// `synchronous` of the session store: full or normal.
+    #[arg(long, global = true, default_value = "full")]
+    synchronous: String,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Connect+disconnect pairs as fast as K keep-alive clients go.
+    Pairs {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 100_000)]
+        pairs: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// A steady rate of connects (each followed by its disconnect): latency percentiles.
+    Steady {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// A reconnect storm: N distinct devices connect with concurrency K, hold, disconnect.
+    Storm {
+        #[arg(long, default_value_t = 1_000_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 100_000)]
+        connects: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Reload the registry (SIGHUP) after this many connects (0: never).
+        #[arg(long, default_value_t = 0)]
+        reload_at: usize,
+    },
+    /// /metrics time and size with few and with many sessions.
+    Scrape {
+        #[arg(long, default_value_t = 100)]
+        sessions: usize,
+        #[arg(long, default_value_t = 100_000)]
+        sessions_large: usize,
+    },
+    /// Registry load time and the daemon's memory for N devices.
+    Load {
+        #[arg(long, default_value_t = 1_000_000)]
+        devices: usize,
+    },
+}
+
+/// What kind of device index `i` is in the generated registry: about 4% private, 3% blocked.
+fn kind(i: usize) -> &'static str {
+    match i % 100 {
+        0..=3 => "private",
+        4..=6 => "blocked",
+        _ => "good",
+    }
+}
+
+fn fingerprint(i: usize) -> String {
+    let mut out = String::with_capacity(64);
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    for _ in 0..4 {
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 29;
+        write!(out, "{x:016x}").unwrap();
+    }
+    out
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Bench {
+    fn new(devices: usize, max_sessions: usize, synchronous: &str) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        write_registry(&dir.path().join("devices.csv"), devices);
+        eprintln!(
+            "generated {devices} devices in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.path().display();
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+socket = "{d}/pforte.sock"
+max_connections = 4096
+[registry]
+devices = "{d}/devices.csv"
+watch_interval_s = 0
+[store]
+path = "{d}/pforte.db"
+synchronous = "{synchronous}"
+[audit]
+path = "{d}/audit.log"
+[policy]
+default_org_unit = "staff"
+require_hwaddr = false
+[capacity]
+max_sessions = {max_sessions}
+reserved_seats = 0
+max_sessions_per_user = 0
+[[org_units]]
+name = "staff"
+level = 1
+[[zones]]
+name = "office"
+level = 1
+pool = "10.64.0.0/10"
+routes = ["10.1.0.0/16"]
+"#
+        );
+        std::fs::write(dir.path().join("pforte.toml"), config).unwrap();
+        let mut b = Bench {
+            dir,
+            child: None,
+            port,
+        };
+        b.start();
+        b
+    }
+
+    fn start(&mut self) -> Duration {
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_pforte"))
+            .args(["serve", "--config"])
+            .arg(self.dir.path().join("pforte.toml"))
+            .env("PFORTE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::Read;
+                let _ =
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.1 200") {
+                    return started.elapsed();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon not ready in 120 s");
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("pforte.sock")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+
+    fn hwm_mb(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+
+    fn scrape(&self) -> (Duration, usize) {
+        use std::io::Read;
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        (started.elapsed(), buf.len())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write_registry(path: &Path, n: usize) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    writeln!(
+        w,
+        "device_id,ownership,status,org_unit,clearance,disk_encrypted,patched_on,cert_sha256,cert_serial,hwaddr,users"
+    )
+    .unwrap();
+    let today = chrono::Utc::now().date_naive();
+    for i in 0..n {
+        let (own, status) = match kind(i) {
+            "private" => ("private", "active"),
+            "blocked" => ("service", "blocked"),
+            _ => ("service", "active"),
+        };
+        writeln!(
+            w,
+            "D{i},{own},{status},staff,1,true,{today},{},{},,",
+            fingerprint(i),
+            1_000_000 + i
+        )
+        .unwrap();
+    }
+    w.flush().unwrap();
+}
+
+fn request(i: usize) -> ConnectRequest {
+    ConnectRequest {
+        vpn: "openvpn".into(),
+        instance: "bench".into(),
+        zone: "office".into(),
+        username: format!("u{i}"),
+        cert_sha256: fingerprint(i),
+        remote_addr: format!("198.51.100.{}:{}", i % 250, 1024 + i % 60000),
+        session_key: format!("k{i}"),
+        ..Default::default()
+    }
+}
+
+fn disconnect(i: usize) -> DisconnectRequest {
+    DisconnectRequest {
+        vpn: "openvpn".into(),
+        instance: "bench".into(),
+        session_key: format!("k{i}"),
+        bytes_received: Some(1000),
+        bytes_sent: Some(2000),
+        ..Default::default()
+    }
+}
+
+#[derive(Default)]
+struct Latencies(Vec<u32>);
+
+impl Latencies {
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let idx = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.0[idx]) / 1000.0
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
+    let b = Bench::new(devices, devices + 10, &cli.synchronous);
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let lat = runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let socket = b.socket();
+            let next = next.clone();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                let mut lat = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= pairs {
+                        return lat;
+                    }
+                    // Good devices only, so every pair is a real admission and a real end.
+                    let i = (n % devices) / 100 * 100 + 7 + (n % 93);
+                    let i = i % devices;
+                    let t = Instant::now();
+                    match c.connect_request(&request(i)).await {
+                        Ok((200, _)) => {}
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat.push(t.elapsed().as_micros() as u32);
+                    if c.disconnect_request(&disconnect(i)).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let mut all = Latencies::default();
+        for t in tasks {
+            all.0.extend(t.await.unwrap());
+        }
+        all
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let mut lat = lat;
+    println!(
+        "pairs: {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB",
+        cli.synchronous,
+        secs,
+        pairs as f64 / secs,
+        2.0 * pairs as f64 / secs,
+        lat.pct(0.5),
+        lat.pct(0.99),
+        errors.load(Ordering::Relaxed),
+        b.rss_mb()
+    );
+}
+
+fn steady(cli: &Cli, devices: usize, rate: u64, seconds: u64) {
+    let b = Bench::new(devices, devices + 10, &cli.synchronous);
+    let total = (rate * seconds) as usize;
+    let lat = runtime().block_on(async {
+        // Paced: worker w sends request k*W + w at start + (k*W + w)/rate; latency runs from the
+        // moment the request is sent (timer slack delays sending, it is not counted).
+        const WORKERS: usize = 16;
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let interval = Duration::from_nanos(1_000_000_000 / rate);
+        let mut workers = Vec::new();
+        for w in 0..WORKERS {
+            let socket = b.socket();
+            workers.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                let mut lat = Vec::new();
+                let mut n = w;
+                while n < total {
+                    tokio::time::sleep_until(start + interval * n as u32).await;
+                    let i = (n * 100 / 93) % devices;
+                    let i = if kind(i) == "good" {
+                        i
+                    } else {
+                        (i / 100) * 100 + 50
+                    };
+                    let t = Instant::now();
+                    let (s, _) = c.connect_request(&request(i)).await.unwrap();
+                    lat.push(t.elapsed().as_micros() as u32);
+                    assert_eq!(s, 200);
+                    c.disconnect_request(&disconnect(i)).await.unwrap();
+                    n += WORKERS;
+                }
+                lat
+            }));
+        }
+        let mut all = Latencies::default();
+        for w in workers {
+            all.0.extend(w.await.unwrap());
+        }
+        all
+    });
+    let mut lat = lat;
+    println!(
+        "steady: {rate} connects/s (each with its disconnect) for {seconds} s, synchronous={}: connect latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        cli.synchronous,
+        lat.pct(0.5),
+        lat.pct(0.99),
+        lat.pct(0.999),
+        lat.pct(1.0)
+    );
+}
+
+fn storm(cli: &Cli, devices: usize, connects: usize, concurrency: usize, reload_at: usize) {
+    // Seats for 95% of the good devices that connect: the rest are refused for capacity.
+    let good = (0..connects).filter(|i| kind(*i) == "good").count();
+    let seats = good * 95 / 100;
+    let b = Bench::new(devices, seats, &cli.synchronous);
+    let rss_idle = b.rss_mb();
+    println!(
+        "storm: registry {devices} devices, {connects} connects ({good} good, seats {seats}), concurrency {concurrency}, synchronous={}; daemon RSS at start {rss_idle:.0} MB",
+        cli.synchronous
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let allowed = Arc::new(AtomicU64::new(0));
+    let pid = b.pid();
+    let started = Instant::now();
+    let progress = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let d = done.load(Ordering::Relaxed);
+                let el = started.elapsed().as_secs_f64();
+                eprint!(
+                    "\r  {d}/{connects} decided, {:.0}/s     ",
+                    d as f64 / el.max(1e-9)
+                );
+                if d >= connects {
+                    eprintln!();
+                    return;
+                }
+            }
+        })
+    };
+    let mut lat = runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let socket = b.socket();
+            let (next, done, errors, allowed) =
+                (next.clone(), done.clone(), errors.clone(), allowed.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= connects {
+                        return lat;
+                    }
+                    if reload_at > 0 && i == reload_at {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGHUP,
+                        );
+                    }
+                    let t = Instant::now();
+                    match c.connect_request(&request(i)).await {
+                        Ok((200, _)) => {
+                            allowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((403, _)) => {}
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat.push(t.elapsed().as_micros() as u32);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let mut all = Latencies::default();
+        for t in tasks {
+            all.0.extend(t.await.unwrap());
+        }
+        all
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let _ = progress.join();
+    let rss_peak = b.hwm_mb();
+    let (scrape, size) = b.scrape();
+    println!(
+        "storm: {connects} connects decided in {secs:.2} s = {:.0}/s; allowed {}, refused {}, errors {}; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; daemon RSS now {:.0} MB, peak {rss_peak:.0} MB; /metrics {:.1} ms, {size} bytes",
+        connects as f64 / secs,
+        allowed.load(Ordering::Relaxed),
+        connects as u64 - allowed.load(Ordering::Relaxed) - errors.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        lat.pct(0.5),
+        lat.pct(0.99),
+        lat.pct(0.999),
+        lat.pct(1.0),
+        b.rss_mb(),
+        scrape.as_secs_f64() * 1000.0,
+    );
+    // Hold, then everyone disconnects.
+    let started = Instant::now();
+    runtime().block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let socket = b.socket();
+            let next = next.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= connects {
+                        return;
+                    }
+                    c.disconnect_request(&disconnect(i)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    println!(
+        "storm: {connects} disconnects in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn fill(b: &Bench, n: usize) {
+    runtime().block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let socket = b.socket();
+            let next = next.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= n {
+                        return;
+                    }
+                    let i = k / 93 * 100 + 7 + k % 93;
+                    let (s, _) = c.connect_request(&request(i)).await.unwrap();
+                    assert_eq!(s, 200, "device {i}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+fn scrape(cli: &Cli, small: usize, large: usize) {
+    let devices = large * 100 / 93 + 200;
+    let measure = |n: usize| -> (f64, usize) {
+        let b = Bench::new(devices, large + 10, &cli.synchronous);
+        fill(&b, n);
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..50 {
+            let (t, s) = b.scrape();
+            times.push(t.as_secs_f64() * 1000.0);
+            size = s;
+        }
+        times.sort_by(f64::total_cmp);
+        (times[times.len() / 2], size)
+    };
+    let (t_small, s_small) = measure(small);
+    let (t_large, s_large) = measure(large);
+    println!(
+        "scrape: {small} sessions: median {t_small:.2} ms, {s_small} bytes; {large} sessions: median {t_large:.2} ms, {s_large} bytes; ratio time {:.2}, size {:.2}",
+        t_large / t_small,
+        s_large as f64 / s_small as f64
+    );
+}
+
+fn load(cli: &Cli, devices: usize) {
+    let mut b = Bench::new(devices, 10, &cli.synchronous);
+    let rss = b.rss_mb();
+    b.stop();
+    let t = b.start();
+    println!(
+        "load: {devices} devices: daemon start to ready {:.2} s (registry load included); RSS {:.0} MB (after first start {rss:.0} MB)",
+        t.as_secs_f64(),
+        b.rss_mb()
+    );
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.mode {
+        Mode::Pairs {
+            devices,
+            pairs: n,
+            concurrency,
+        } => pairs(&cli, devices, n, concurrency),
+        Mode::Steady {
+            devices,
+            rate,
+            seconds,
+        } => steady(&cli, devices, rate, seconds),
+        Mode::Storm {
+            devices,
+            connects,
+            concurrency,
+            reload_at,
+        } => storm(&cli, devices, connects, concurrency, reload_at),
+        Mode::Scrape {
+            sessions,
+            sessions_large,
+        } => scrape(&cli, sessions, sessions_large),
+        Mode::Load { devices } => load(&cli, devices),
+    }
+}
