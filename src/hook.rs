@@ -29,6 +29,11 @@ pub struct HookOptions {
     /// Arguments OpenVPN appended (depth and subject for tls-verify; the dynamic config file
     /// for client-connect).
     pub args: Vec<String>,
+    /// Use OpenVPN's deferred client-connect: answer "deferred" at once and decide in a
+    /// detached child, so a slow daemon never stalls OpenVPN's event loop.
+    pub deferred: bool,
+    /// Internal: this process is the detached child of a deferred client-connect.
+    pub deferred_child: bool,
 }
 
 /// The process environment as text (odd bytes replaced; the policy refuses control bytes).
@@ -57,6 +62,8 @@ pub fn run_openvpn(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
         }
     };
     match script_type {
+        "client-connect" if opts.deferred_child => runtime.block_on(deferred_child(opts, env)),
+        "client-connect" if opts.deferred => deferred_connect(opts, env),
         "client-connect" => runtime.block_on(client_connect(opts, env)),
         "client-disconnect" => runtime.block_on(client_disconnect(opts, env)),
         "tls-verify" => runtime.block_on(tls_verify(opts, env)),
@@ -80,35 +87,141 @@ fn who(env: &HashMap<String, String>) -> String {
     format!("{cn}@{addr}")
 }
 
-async fn client_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+/// What the daemon said, as OpenVPN needs it.
+enum Verdict {
+    /// Admit, with the dynamic config text.
+    Allow(String),
+    /// Refuse (the reason is already on stderr).
+    Refuse,
+}
+
+async fn ask(opts: &HookOptions, env: &HashMap<String, String>) -> Verdict {
     let req = openvpn::connect_request(env, &opts.settings);
     let call = async {
         let mut c = UnixClient::connect(&opts.socket).await?;
         c.connect_request(&req).await
     };
+    let down = |why: String| {
+        if daemon_down(opts, env, &why) == ACCEPT {
+            Verdict::Allow(String::new())
+        } else {
+            Verdict::Refuse
+        }
+    };
     let resp = match tokio::time::timeout(opts.timeout, call).await {
         Ok(Ok((_, resp))) => resp,
-        Ok(Err(e)) => return daemon_down(opts, env, &e.to_string()),
-        Err(_) => return daemon_down(opts, env, &format!("no answer within {:?}", opts.timeout)),
+        Ok(Err(e)) => return down(e.to_string()),
+        Err(_) => return down(format!("no answer within {:?}", opts.timeout)),
     };
     if !resp.allowed() {
         let reason = resp.reason.map(|r| r.as_str()).unwrap_or("unknown");
         eprintln!("pforte: refused {}: {reason}: {}", who(env), resp.message);
-        return REFUSE;
+        return Verdict::Refuse;
     }
+    Verdict::Allow(
+        resp.push
+            .as_ref()
+            .map(openvpn::dynamic_config)
+            .unwrap_or_default(),
+    )
+}
+
+async fn client_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+    let Verdict::Allow(text) = ask(opts, env).await else {
+        return REFUSE;
+    };
     let target = opts
         .args
         .last()
         .cloned()
         .or_else(|| env.get("client_connect_config_file").cloned());
-    if let (Some(path), Some(push)) = (target, &resp.push) {
-        let text = openvpn::dynamic_config(push);
-        if let Err(e) = std::fs::write(Path::new(&path), text) {
-            eprintln!("pforte hook: cannot write {path}: {e}; refusing");
-            return REFUSE;
-        }
+    if let Some(path) = target
+        && let Err(e) = std::fs::write(Path::new(&path), text)
+    {
+        eprintln!("pforte hook: cannot write {path}: {e}; refusing");
+        return REFUSE;
     }
     ACCEPT
+}
+
+/// Deferred client-connect (OpenVPN 2.5+): write `2` into the deferred file, start a detached
+/// child that asks the daemon, writes the config file and then `1` or `0`, and return at once.
+fn deferred_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+    let (Some(deferred), Some(_)) = (
+        env.get("client_connect_deferred_file"),
+        env.get("client_connect_config_file"),
+    ) else {
+        eprintln!("pforte hook: OpenVPN offers no deferred client-connect here; deciding at once");
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(client_connect(opts, env)))
+            .unwrap_or(REFUSE);
+    };
+    if let Err(e) = std::fs::write(deferred, "2") {
+        eprintln!("pforte hook: cannot write {deferred}: {e}; refusing");
+        return REFUSE;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pforte hook: cannot find my own binary: {e}; refusing");
+            return REFUSE;
+        }
+    };
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["hook", "openvpn", "--deferred-child", "--socket"])
+        .arg(&opts.socket)
+        .args([
+            "--zone",
+            &opts.settings.zone,
+            "--instance",
+            &opts.settings.instance,
+        ])
+        .arg("--timeout")
+        .arg(format!("{}ms", opts.timeout.as_millis()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .process_group(0);
+    if opts.fail_open {
+        cmd.arg("--fail-open");
+    }
+    match cmd.spawn() {
+        Ok(_) => ACCEPT,
+        Err(e) => {
+            eprintln!("pforte hook: cannot start the deferred decision: {e}; refusing");
+            let _ = std::fs::write(deferred, "0");
+            ACCEPT
+        }
+    }
+}
+
+/// The detached half of a deferred client-connect.
+async fn deferred_child(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+    let (Some(deferred), Some(config)) = (
+        env.get("client_connect_deferred_file"),
+        env.get("client_connect_config_file"),
+    ) else {
+        return REFUSE;
+    };
+    let verdict = match ask(opts, env).await {
+        Verdict::Allow(text) => match std::fs::write(config, text) {
+            Ok(()) => "1",
+            Err(e) => {
+                eprintln!("pforte hook: cannot write {config}: {e}; refusing");
+                "0"
+            }
+        },
+        Verdict::Refuse => "0",
+    };
+    match std::fs::write(deferred, verdict) {
+        Ok(()) => ACCEPT,
+        Err(e) => {
+            eprintln!("pforte hook: cannot write {deferred}: {e}");
+            REFUSE
+        }
+    }
 }
 
 fn daemon_down(opts: &HookOptions, env: &HashMap<String, String>, why: &str) -> i32 {

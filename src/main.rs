@@ -81,6 +81,13 @@ enum HookKind {
         /// Admit when the daemon cannot be asked (dangerous; the default refuses).
         #[arg(long)]
         fail_open: bool,
+        /// Use OpenVPN's deferred client-connect (2.5+): OpenVPN's event loop never waits for
+        /// the daemon; give a longer --timeout with it, e.g. 10s.
+        #[arg(long)]
+        deferred: bool,
+        /// Internal: the detached child of a deferred client-connect.
+        #[arg(long, hide = true)]
+        deferred_child: bool,
         /// Arguments OpenVPN appends.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -123,6 +130,8 @@ fn main() -> ExitCode {
                 instance,
                 timeout,
                 fail_open,
+                deferred,
+                deferred_child,
                 args,
             } = vpn;
             let opts = hook::HookOptions {
@@ -131,6 +140,8 @@ fn main() -> ExitCode {
                 timeout,
                 fail_open,
                 args,
+                deferred,
+                deferred_child,
             };
             ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8)
         }

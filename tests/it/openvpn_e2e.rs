@@ -80,6 +80,17 @@ impl Rig {
     /// The fixture (registry from `peers`), the OpenVPN server with pforte's hook as its
     /// scripts, and the daemon with the office zone's pool set to the server's tunnel net.
     fn start(work: tempfile::TempDir, pki: Pki, setup: Setup, peers: &[&Peer]) -> Rig {
+        Rig::start_with(work, pki, setup, peers, "")
+    }
+
+    /// As [`Rig::start`], with extra flags for the client-connect hook (e.g. `--deferred`).
+    fn start_with(
+        work: tempfile::TempDir,
+        pki: Pki,
+        setup: Setup,
+        peers: &[&Peer],
+        connect_flags: &str,
+    ) -> Rig {
         let devices: Vec<Dev> = peers.iter().map(|p| p.dev.clone()).collect();
         let mut fixture = Fixture::new(
             Setup {
@@ -99,7 +110,14 @@ impl Rig {
                     "setenv PFORTE_ZONE office".into(),
                     "setenv PFORTE_INSTANCE office-udp".into(),
                     format!("tls-verify {hook}"),
-                    format!("client-connect {hook}"),
+                    if connect_flags.is_empty() {
+                        format!("client-connect {hook}")
+                    } else {
+                        format!(
+                            "client-connect \"{} hook openvpn {connect_flags}\"",
+                            bin().display()
+                        )
+                    },
                     format!("client-disconnect {hook}"),
                 ],
                 ..ServerOptions::default()
@@ -415,4 +433,37 @@ fn openvpn_fails_closed_without_the_daemon_and_recovers_its_sessions() {
     rig.ping(&a_client);
     assert_eq!(rig.seats_used(), 2.0);
     eprintln!("fail closed and recover: {:?}", t0.elapsed());
+}
+
+/// Deferred client-connect: OpenVPN's event loop does not wait for pforte; the decision comes
+/// from a detached child through the deferred file, with the same result as the direct hook.
+#[test]
+fn openvpn_deferred_client_connect_decides_the_same() {
+    if !openvpn::available() {
+        return;
+    }
+    let (work, pki) = Rig::pki();
+    let a = Peer::new(&pki, "D-DEF-A", "alice", |d| d);
+    let b = Peer::new(&pki, "D-DEF-B", "bob", |d| d);
+    let rig = Rig::start_with(
+        work,
+        pki,
+        Setup {
+            max_sessions: 1,
+            ..Setup::default()
+        },
+        &[&a, &b],
+        "--deferred --timeout 10s",
+    );
+    let a_client = a.connect(&rig);
+    rig.assert_pool_address(&a, &a_client);
+    rig.ping(&a_client);
+    let b_refused = b.start(&rig);
+    rig.wait_connect_refusal(&b, &b_refused, "capacity_full");
+    assert_eq!(rig.seats_used(), 1.0);
+    assert!(
+        rig.server.log().contains("deferred"),
+        "OpenVPN did not defer: {}",
+        rig.context()
+    );
 }
