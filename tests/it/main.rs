@@ -6,6 +6,7 @@ mod common;
 mod daemon;
 mod hook;
 mod lifecycle;
+mod monitoring_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
