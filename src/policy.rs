@@ -428,9 +428,9 @@ fn check_person(
     })?;
 
     let assigned = if device.users.is_empty() {
-        device.org_unit == org_unit.name
+        *device.org_unit == *org_unit.name
     } else {
-        device.users.iter().any(|u| u == username)
+        device.users.iter().any(|u| &**u == username)
     };
     if !assigned {
         return Err(deny(
@@ -481,7 +481,7 @@ fn check_person(
     };
 
     Ok(Admission {
-        device_id: device.id.clone(),
+        device_id: device.id.to_string(),
         username: username.to_string(),
         org_unit: org_unit.name.clone(),
         level,

@@ -2,7 +2,11 @@
 //! indexes and swapped in whole; a file with any bad row is refused whole, naming file and line.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::path::Path;
+use std::sync::Arc;
+
+use hashbrown::HashTable;
 
 use chrono::NaiveDate;
 
@@ -204,17 +208,18 @@ fn hex_to_decimal(h: &str) -> Option<String> {
     Some(out)
 }
 
-/// A device of the inventory.
-#[derive(Debug, Clone)]
+/// A device of the inventory. Compact (boxed slices, shared org-unit names), since a large
+/// administration registers a million of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     /// Inventory id.
-    pub id: String,
+    pub id: Box<str>,
     /// Service or private.
     pub ownership: Ownership,
     /// Inventory status.
     pub status: Status,
     /// Org unit it belongs to.
-    pub org_unit: String,
+    pub org_unit: Arc<str>,
     /// Highest data-protection level it is cleared for.
     pub clearance: u8,
     /// Full-disk encryption recorded.
@@ -222,13 +227,13 @@ pub struct Device {
     /// Day of the last patch.
     pub patched_on: Option<NaiveDate>,
     /// Certificate fingerprints.
-    pub cert_sha256: Vec<[u8; 32]>,
+    pub cert_sha256: Box<[[u8; 32]]>,
     /// Certificate serials, normalised decimal.
-    pub cert_serial: Vec<String>,
+    pub cert_serial: Box<[Box<str>]>,
     /// Registered hardware addresses.
-    pub hwaddr: Vec<HwAddr>,
+    pub hwaddr: Box<[HwAddr]>,
     /// Assigned users (empty: a pool device for its org unit).
-    pub users: Vec<String>,
+    pub users: Box<[Box<str>]>,
 }
 
 /// A user of the user list.
@@ -242,33 +247,98 @@ pub struct User {
     pub level: Option<u8>,
 }
 
+/// A hash index over device positions: each entry is (hash, device index), and a lookup
+/// confirms the key on the device itself, so the index holds no copies of keys (a million
+/// devices cost about 18 MB per index, not the hundreds a map of owned keys would).
+#[derive(Debug, Default)]
+struct Index(HashTable<(u64, u32)>);
+
+impl Index {
+    fn find(&self, hash: u64, mut is_key_of: impl FnMut(u32) -> bool) -> Option<u32> {
+        self.0
+            .find(hash, |&(h, i)| h == hash && is_key_of(i))
+            .map(|&(_, i)| i)
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.0.reserve(n, |&(h, _)| h);
+    }
+}
+
+/// A certificate fingerprint is a SHA-256 output: its first bytes are already a uniform hash.
+fn fp_hash(fp: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&fp[..8]);
+    u64::from_le_bytes(b)
+}
+
 /// The loaded registry with its indexes. Immutable once built.
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: Vec<Device>,
-    by_sha256: HashMap<[u8; 32], u32>,
-    by_serial: HashMap<String, u32>,
-    by_hwaddr: HashMap<HwAddr, u32>,
-    by_id: HashMap<String, u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    by_sha256: Index,
+    by_serial: Index,
+    by_hwaddr: Index,
+    by_id: Index,
     users: HashMap<String, User>,
 }
 
 impl Registry {
-    /// Loads devices and users, checking org units against the rules.
+    /// Loads devices and users, checking org units against the rules. CSV is read a record
+    /// at a time, straight into devices.
     pub fn load(
         devices: &Path,
         users: Option<&Path>,
         rules: &Rules,
     ) -> Result<Registry, RegistryError> {
-        let rows = read_rows(devices)?;
         let mut reg = Registry::default();
-        reg.devices.reserve(rows.len());
         let file = devices.display().to_string();
-        for (line, fields) in rows {
-            let device =
-                parse_device(&fields, rules).map_err(|problem| invalid(&file, line, problem))?;
-            reg.insert_device(device)
-                .map_err(|problem| invalid(&file, line, problem))?;
+        let interner = OrgUnits::new(rules);
+        let is_json = devices
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if is_json {
+            for (line, fields) in read_rows(devices)? {
+                let get = |name: &str| fields.get(name).map(|s| s.trim());
+                let device = parse_device_with(&get, rules, &interner)
+                    .map_err(|problem| invalid(&file, line, problem))?;
+                reg.insert_device(device)
+                    .map_err(|problem| invalid(&file, line, problem))?;
+            }
+        } else {
+            let f = std::fs::File::open(devices).map_err(|source| RegistryError::Io {
+                file: file.clone(),
+                source,
+            })?;
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            // About 120 bytes a row: reserve once instead of growing a million-entry table.
+            let expected = usize::try_from(size / 120).unwrap_or(0).min(20_000_000);
+            reg.reserve(expected);
+            let mut reader = csv_reader(std::io::BufReader::with_capacity(1 << 20, f));
+            let columns = DeviceColumns::new(
+                &header_columns(&mut reader).map_err(|(l, p)| invalid(&file, l, p))?,
+            );
+            let mut rec = csv::StringRecord::new();
+            loop {
+                match reader.read_record(&mut rec) {
+                    Ok(false) => break,
+                    Ok(true) => {}
+                    Err(e) => {
+                        let line = e.position().map(|p| p.line()).unwrap_or(0);
+                        return Err(invalid(&file, line, format!("malformed CSV: {e}")));
+                    }
+                }
+                let line = rec.position().map(|p| p.line()).unwrap_or(0);
+                if rec.iter().all(str::is_empty) {
+                    continue;
+                }
+                let get = |name: &str| columns.position(name).and_then(|i| rec.get(i));
+                let device = parse_device_with(&get, rules, &interner)
+                    .map_err(|problem| invalid(&file, line, problem))?;
+                reg.insert_device(device)
+                    .map_err(|problem| invalid(&file, line, problem))?;
+            }
         }
         if let Some(users) = users {
             let file = users.display().to_string();
@@ -288,31 +358,87 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Adds a device, refusing ambiguous fingerprints, serials, addresses and ids.
+    fn reserve(&mut self, n: usize) {
+        self.devices.reserve(n);
+        self.by_sha256.reserve(n);
+        self.by_id.reserve(n);
+    }
+
+    fn hash<T: Hash + ?Sized>(&self, key: &T) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Adds a device, refusing ambiguous fingerprints, serials and ids. On an error the
+    /// registry is half-built and must be dropped (a load refuses the whole file).
     pub fn insert_device(&mut self, d: Device) -> Result<(), String> {
         let idx = u32::try_from(self.devices.len()).map_err(|_| "too many devices".to_string())?;
-        if self.by_id.insert(d.id.clone(), idx).is_some() {
-            return Err(format!("device id `{}` is listed twice", d.id));
-        }
-        for fp in &d.cert_sha256 {
-            if self.by_sha256.insert(*fp, idx).is_some() {
-                return Err(format!(
-                    "device `{}`: certificate fingerprint is already registered to another device",
-                    d.id
-                ));
+        let devices = &self.devices;
+        let h = self.hasher.hash_one(&*d.id);
+        let by_id = self.by_id.0.entry(
+            h,
+            |&(eh, i)| eh == h && devices[i as usize].id == d.id,
+            |&(eh, _)| eh,
+        );
+        match by_id {
+            hashbrown::hash_table::Entry::Occupied(_) => {
+                return Err(format!("device id `{}` is listed twice", d.id));
+            }
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert((h, idx));
             }
         }
-        for s in &d.cert_serial {
-            if self.by_serial.insert(s.clone(), idx).is_some() {
-                return Err(format!(
-                    "device `{}`: certificate serial {s} is already registered to another device",
-                    d.id
-                ));
+        for (n, fp) in d.cert_sha256.iter().enumerate() {
+            let h = fp_hash(fp);
+            let seen = d.cert_sha256[..n].contains(fp);
+            let entry = self.by_sha256.0.entry(
+                h,
+                |&(eh, i)| eh == h && devices[i as usize].cert_sha256.contains(fp),
+                |&(eh, _)| eh,
+            );
+            match entry {
+                hashbrown::hash_table::Entry::Occupied(_) => {
+                    return Err(format!(
+                        "device `{}`: certificate fingerprint is already registered to another device",
+                        d.id
+                    ));
+                }
+                hashbrown::hash_table::Entry::Vacant(v) if !seen => {
+                    v.insert((h, idx));
+                }
+                hashbrown::hash_table::Entry::Vacant(_) => {}
             }
         }
-        for hw in &d.hwaddr {
+        for (n, s) in d.cert_serial.iter().enumerate() {
+            let h = self.hasher.hash_one(&**s);
+            let seen = d.cert_serial[..n].contains(s);
+            let entry = self.by_serial.0.entry(
+                h,
+                |&(eh, i)| eh == h && devices[i as usize].cert_serial.contains(s),
+                |&(eh, _)| eh,
+            );
+            match entry {
+                hashbrown::hash_table::Entry::Occupied(_) => {
+                    return Err(format!(
+                        "device `{}`: certificate serial {s} is already registered to another device",
+                        d.id
+                    ));
+                }
+                hashbrown::hash_table::Entry::Vacant(v) if !seen => {
+                    v.insert((h, idx));
+                }
+                hashbrown::hash_table::Entry::Vacant(_) => {}
+            }
+        }
+        for hw in d.hwaddr.iter() {
             // A shared address (docking stations) is not an error; the first entry keeps it.
-            self.by_hwaddr.entry(*hw).or_insert(idx);
+            let h = self.hasher.hash_one(hw);
+            if let hashbrown::hash_table::Entry::Vacant(v) = self.by_hwaddr.0.entry(
+                h,
+                |&(eh, i)| eh == h && devices[i as usize].hwaddr.contains(hw),
+                |&(eh, _)| eh,
+            ) {
+                v.insert((h, idx));
+            }
         }
         self.devices.push(d);
         Ok(())
@@ -323,26 +449,43 @@ impl Registry {
         self.users.insert(u.name.clone(), u);
     }
 
+    fn at(&self, idx: Option<u32>) -> Option<&Device> {
+        idx.and_then(|i| self.devices.get(i as usize))
+    }
+
     /// The device with this certificate fingerprint.
     pub fn device_by_sha256(&self, fp: &[u8; 32]) -> Option<&Device> {
-        self.by_sha256.get(fp).map(|&i| &self.devices[i as usize])
+        let idx = self.by_sha256.find(fp_hash(fp), |i| {
+            self.devices[i as usize].cert_sha256.contains(fp)
+        });
+        self.at(idx)
     }
 
     /// The device with this certificate serial (normalised decimal).
     pub fn device_by_serial(&self, serial: &str) -> Option<&Device> {
-        self.by_serial
-            .get(serial)
-            .map(|&i| &self.devices[i as usize])
+        let idx = self.by_serial.find(self.hash(serial), |i| {
+            self.devices[i as usize]
+                .cert_serial
+                .iter()
+                .any(|s| &**s == serial)
+        });
+        self.at(idx)
     }
 
     /// The device with this hardware address.
     pub fn device_by_hwaddr(&self, hw: &HwAddr) -> Option<&Device> {
-        self.by_hwaddr.get(hw).map(|&i| &self.devices[i as usize])
+        let idx = self.by_hwaddr.find(self.hash(hw), |i| {
+            self.devices[i as usize].hwaddr.contains(hw)
+        });
+        self.at(idx)
     }
 
     /// The device with this inventory id.
     pub fn device_by_id(&self, id: &str) -> Option<&Device> {
-        self.by_id.get(id).map(|&i| &self.devices[i as usize])
+        let idx = self
+            .by_id
+            .find(self.hash(id), |i| &*self.devices[i as usize].id == id);
+        self.at(idx)
     }
 
     /// A user by login name.
@@ -359,6 +502,48 @@ impl Registry {
     pub fn user_count(&self) -> usize {
         self.users.len()
     }
+}
+
+/// Org-unit names shared by every device of a load (one allocation per org unit).
+struct OrgUnits(HashMap<String, Arc<str>>);
+
+impl OrgUnits {
+    fn new(rules: &Rules) -> OrgUnits {
+        OrgUnits(
+            rules
+                .org_units
+                .keys()
+                .map(|k| (k.clone(), Arc::from(k.as_str())))
+                .collect(),
+        )
+    }
+}
+
+fn csv_reader<R: std::io::Read>(r: R) -> csv::Reader<R> {
+    csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(r)
+}
+
+/// Column name (lower case) to position, from the header row.
+fn header_columns<R: std::io::Read>(
+    reader: &mut csv::Reader<R>,
+) -> Result<HashMap<String, usize>, (u64, String)> {
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| (1, format!("cannot read the header row: {e}")))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
+        .collect();
+    if headers.iter().all(|h| h.is_empty()) {
+        return Err((1, "the header row is missing".into()));
+    }
+    Ok(headers
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| (h, i))
+        .collect())
 }
 
 fn invalid(file: &str, line: u64, problem: String) -> RegistryError {
@@ -390,19 +575,8 @@ fn read_rows(path: &Path) -> Result<Vec<(u64, Row)>, RegistryError> {
 
 /// Parses CSV bytes into rows keyed by the header. Errors carry the line number.
 pub fn parse_csv_rows(bytes: &[u8]) -> Result<Vec<(u64, Row)>, (u64, String)> {
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .comment(Some(b'#'))
-        .from_reader(bytes);
-    let headers: Vec<String> = reader
-        .headers()
-        .map_err(|e| (1, format!("cannot read the header row: {e}")))?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
-        .collect();
-    if headers.iter().all(|h| h.is_empty()) {
-        return Err((1, "the header row is missing".into()));
-    }
+    let mut reader = csv_reader(bytes);
+    let columns = header_columns(&mut reader)?;
     let mut rows = Vec::new();
     for rec in reader.records() {
         let rec = rec.map_err(|e| {
@@ -413,10 +587,9 @@ pub fn parse_csv_rows(bytes: &[u8]) -> Result<Vec<(u64, Row)>, (u64, String)> {
         if rec.iter().all(|f| f.is_empty()) {
             continue;
         }
-        let row: Row = headers
+        let row: Row = columns
             .iter()
-            .cloned()
-            .zip(rec.iter().map(str::to_string))
+            .filter_map(|(name, &i)| rec.get(i).map(|v| (name.clone(), v.to_string())))
             .collect();
         rows.push((line, row));
     }
@@ -486,31 +659,94 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
     value.split(';').map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// `YYYY-MM-DD`, exactly (faster than a format-string parser, which matters for a million rows).
+fn parse_date(s: &str) -> Option<NaiveDate> {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let mut n = 0u32;
+        for &c in &b[r] {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + u32::from(c - b'0');
+        }
+        Some(n)
+    };
+    NaiveDate::from_ymd_opt(i32::try_from(num(0..4)?).ok()?, num(5..7)?, num(8..10)?)
+}
+
+/// The device registry's columns (the file's contract).
+pub const DEVICE_COLUMNS: [&str; 11] = [
+    "device_id",
+    "ownership",
+    "status",
+    "org_unit",
+    "clearance",
+    "disk_encrypted",
+    "patched_on",
+    "cert_sha256",
+    "cert_serial",
+    "hwaddr",
+    "users",
+];
+
+/// Positions of the device columns in a CSV header, found once per file.
+struct DeviceColumns([Option<usize>; 11]);
+
+impl DeviceColumns {
+    fn new(columns: &HashMap<String, usize>) -> DeviceColumns {
+        DeviceColumns(DEVICE_COLUMNS.map(|name| columns.get(name).copied()))
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        let k = DEVICE_COLUMNS.iter().position(|c| *c == name)?;
+        self.0[k]
+    }
+}
+
 /// Parses one device row.
 pub fn parse_device(row: &Row, rules: &Rules) -> Result<Device, String> {
-    let id = field(row, "device_id")?;
+    let get = |name: &str| row.get(name).map(|s| s.trim());
+    parse_device_with(&get, rules, &OrgUnits::new(rules))
+}
+
+fn parse_device_with<'a>(
+    get: &dyn Fn(&str) -> Option<&'a str>,
+    rules: &Rules,
+    org_units: &OrgUnits,
+) -> Result<Device, String> {
+    let field = |name: &str| -> Result<&'a str, String> {
+        get(name)
+            .map(str::trim)
+            .ok_or_else(|| format!("column `{name}` is missing"))
+    };
+    let optional = |name: &str| -> &'a str { get(name).map(str::trim).unwrap_or("") };
+    let id = field("device_id")?;
     if id.is_empty() || id.len() > 128 {
         return Err("device_id must be 1-128 characters".into());
     }
-    let ownership = match field(row, "ownership")?.to_ascii_lowercase().as_str() {
-        "service" => Ownership::Service,
-        "private" => Ownership::Private,
+    let ownership = match field("ownership")? {
+        o if o.eq_ignore_ascii_case("service") => Ownership::Service,
+        o if o.eq_ignore_ascii_case("private") => Ownership::Private,
         other => return Err(format!("ownership `{other}` is not service or private")),
     };
-    let status_text = field(row, "status")?.to_ascii_lowercase();
+    let status_text = field("status")?;
     let status = Status::ALL
         .into_iter()
-        .find(|s| s.as_str() == status_text)
+        .find(|s| s.as_str().eq_ignore_ascii_case(status_text))
         .ok_or_else(|| {
             format!("status `{status_text}` is not one of active, lost, stolen, retired, blocked")
         })?;
-    let org_unit = field(row, "org_unit")?;
-    if !rules.org_units.contains_key(org_unit) {
-        return Err(format!(
-            "org_unit `{org_unit}` is not configured in [[org_units]]"
-        ));
-    }
-    let clearance_text = field(row, "clearance")?;
+    let org_unit_text = field("org_unit")?;
+    let org_unit =
+        org_units.0.get(org_unit_text).cloned().ok_or_else(|| {
+            format!("org_unit `{org_unit_text}` is not configured in [[org_units]]")
+        })?;
+    let _ = rules;
+    let clearance_text = field("clearance")?;
     let clearance: u8 = if clearance_text.is_empty() {
         0
     } else {
@@ -518,31 +754,40 @@ pub fn parse_device(row: &Row, rules: &Rules) -> Result<Device, String> {
             .parse()
             .map_err(|_| format!("clearance `{clearance_text}` is not a level number"))?
     };
-    let disk_encrypted = match field(row, "disk_encrypted")?.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "1" => true,
-        "false" | "no" | "0" | "" => false,
+    let disk_encrypted = match field("disk_encrypted")? {
+        t if t.eq_ignore_ascii_case("true") || t.eq_ignore_ascii_case("yes") || t == "1" => true,
+        f if f.eq_ignore_ascii_case("false")
+            || f.eq_ignore_ascii_case("no")
+            || f == "0"
+            || f.is_empty() =>
+        {
+            false
+        }
         other => return Err(format!("disk_encrypted `{other}` is not true or false")),
     };
-    let patched_text = field(row, "patched_on")?;
+    let patched_text = field("patched_on")?;
     let patched_on = if patched_text.is_empty() {
         None
     } else {
         Some(
-            NaiveDate::parse_from_str(patched_text, "%Y-%m-%d")
-                .map_err(|_| format!("patched_on `{patched_text}` is not a date YYYY-MM-DD"))?,
+            parse_date(patched_text)
+                .ok_or_else(|| format!("patched_on `{patched_text}` is not a date YYYY-MM-DD"))?,
         )
     };
-    let mut cert_sha256 = Vec::new();
-    for fp in list(field(row, "cert_sha256")?) {
+    let mut cert_sha256 = Vec::with_capacity(1);
+    for fp in list(field("cert_sha256")?) {
         cert_sha256.push(
             parse_sha256(fp)
                 .ok_or_else(|| format!("cert_sha256 `{fp}` is not a SHA-256 fingerprint"))?,
         );
     }
     let mut cert_serial = Vec::new();
-    for s in list(optional(row, "cert_serial")) {
-        cert_serial
-            .push(normalize_serial(s).ok_or_else(|| format!("cert_serial `{s}` is not a serial"))?);
+    for s in list(optional("cert_serial")) {
+        cert_serial.push(
+            normalize_serial(s)
+                .ok_or_else(|| format!("cert_serial `{s}` is not a serial"))?
+                .into_boxed_str(),
+        );
     }
     if cert_sha256.is_empty() && cert_serial.is_empty() {
         return Err(format!(
@@ -550,25 +795,25 @@ pub fn parse_device(row: &Row, rules: &Rules) -> Result<Device, String> {
         ));
     }
     let mut hwaddr = Vec::new();
-    for h in list(optional(row, "hwaddr")) {
+    for h in list(optional("hwaddr")) {
         hwaddr.push(
             HwAddr::parse(h).ok_or_else(|| {
                 format!("hwaddr `{h}` is not a hardware address aa:bb:cc:dd:ee:ff")
             })?,
         );
     }
-    let users = list(optional(row, "users")).map(str::to_string).collect();
+    let users = list(optional("users")).map(Box::from).collect();
     Ok(Device {
-        id: id.to_string(),
+        id: id.into(),
         ownership,
         status,
-        org_unit: org_unit.to_string(),
+        org_unit,
         clearance,
         disk_encrypted,
         patched_on,
-        cert_sha256,
-        cert_serial,
-        hwaddr,
+        cert_sha256: cert_sha256.into_boxed_slice(),
+        cert_serial: cert_serial.into_boxed_slice(),
+        hwaddr: hwaddr.into_boxed_slice(),
         users,
     })
 }

@@ -84,17 +84,17 @@ const HW: &str = "aa:bb:cc:00:00:01";
 
 fn good_device(n: u8) -> Device {
     Device {
-        id: format!("dev-{n}"),
+        id: format!("dev-{n}").into(),
         ownership: Ownership::Service,
         status: Status::Active,
         org_unit: "it".into(),
         clearance: 1,
         disk_encrypted: true,
         patched_on: Some(NaiveDate::from_ymd_opt(2026, 11, 1).unwrap()),
-        cert_sha256: vec![fp(n)],
-        cert_serial: vec![format!("{n}")],
-        hwaddr: vec![HwAddr::parse(HW).unwrap()],
-        users: vec!["alice".into()],
+        cert_sha256: vec![fp(n)].into(),
+        cert_serial: vec![format!("{n}").into()].into(),
+        hwaddr: vec![HwAddr::parse(HW).unwrap()].into(),
+        users: vec!["alice".into()].into(),
     }
 }
 
@@ -301,7 +301,7 @@ fn patch_overdue() {
 #[test]
 fn unknown_user_and_default_org_unit() {
     let dev = Device {
-        users: vec![],
+        users: vec![].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -327,7 +327,7 @@ fn user_not_assigned() {
     assert_eq!(reason_of(good_device(1), req), Err(Reason::UserNotAssigned));
     // A pool device serves its own org unit only.
     let pool = Device {
-        users: vec![],
+        users: vec![].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -341,7 +341,7 @@ fn user_not_assigned() {
 fn remote_work_not_permitted() {
     let dev = Device {
         org_unit: "social".into(),
-        users: vec![],
+        users: vec![].into(),
         clearance: 2,
         ..good_device(1)
     };
@@ -352,7 +352,7 @@ fn remote_work_not_permitted() {
     assert_eq!(reason_of(dev, req), Err(Reason::RemoteWorkNotPermitted));
     // The user's own level overrides the org unit's.
     let dev = Device {
-        users: vec!["dave".into()],
+        users: vec!["dave".into()].into(),
         clearance: 2,
         ..good_device(1)
     };
@@ -368,7 +368,7 @@ fn device_clearance() {
     // carol: health, level 2, with a remote exception; her device is cleared for 1 only.
     let dev = Device {
         org_unit: "health".into(),
-        users: vec!["carol".into()],
+        users: vec!["carol".into()].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -506,8 +506,8 @@ prop_compose! {
             patched_on: Some(today() - chrono::Duration::days(age)),
             clearance,
             org_unit: ou.into(),
-            users: if pool { vec![] } else { vec!["alice".into(), "bob".into(), "carol".into()] },
-            hwaddr: if hw { vec![HwAddr::parse(HW).unwrap()] } else { vec![] },
+            users: if pool { vec![].into() } else { vec!["alice".into(), "bob".into(), "carol".into()].into() },
+            hwaddr: if hw { vec![HwAddr::parse(HW).unwrap()].into() } else { vec![].into() },
             ..good_device(1)
         }
     }
@@ -554,7 +554,7 @@ proptest! {
         let reg = registry(vec![dev.clone()]);
         let outcome = evaluate(&req, &r, &reg, today());
         if let Ok(adm) = outcome {
-            prop_assert_eq!(&adm.device_id, &dev.id);
+            prop_assert_eq!(adm.device_id.as_str(), &*dev.id);
             prop_assert!(dev.ownership == Ownership::Service || (mail_only && req.zone == "mail"));
             prop_assert_eq!(dev.status, Status::Active);
             prop_assert!(dev.disk_encrypted);
