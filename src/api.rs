@@ -116,7 +116,8 @@ impl Api {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(self.server.header_timeout)
-            .max_buf_size(MAX_BODY.max(8192) * 2)
+            // Headers must fit in 16 KiB (bodies are streamed and limited separately).
+            .max_buf_size(16 * 1024)
             .keep_alive(true);
         b
     }

@@ -57,13 +57,47 @@ struct RawServer {
     socket: Option<String>,
     socket_mode: Option<String>,
     #[serde(default)]
-    peer_uids: Vec<u32>,
+    peer_uids: Ids,
     #[serde(default)]
-    peer_gids: Vec<u32>,
+    peer_gids: Ids,
     api_token_file: Option<String>,
     max_connections: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
+}
+
+/// A list of uids or gids: a TOML array, or (from the environment) one number or a
+/// comma-separated text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Ids {
+    Many(Vec<u32>),
+    One(u32),
+    Text(String),
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids::Many(Vec::new())
+    }
+}
+
+impl Ids {
+    fn list(self, key: &str) -> Result<Vec<u32>, Invalid> {
+        match self {
+            Ids::Many(v) => Ok(v),
+            Ids::One(n) => Ok(vec![n]),
+            Ids::Text(t) => t
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse()
+                        .map_err(|_| bad(key, format!("`{p}` is not a numeric id")))
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -448,9 +482,6 @@ pub fn parse(text: &str, path: &Path, env: HashMap<String, String>) -> Result<Co
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("server.peer_uids")
-                .with_list_parse_key("server.peer_gids")
                 .source(Some(env)),
         )
         .build()
@@ -578,13 +609,13 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, Invalid> {
         listen,
         socket: raw.socket.filter(|s| !s.is_empty()).map(PathBuf::from),
         socket_mode,
-        peer_uids: raw.peer_uids,
-        peer_gids: raw.peer_gids,
+        peer_uids: raw.peer_uids.list("server.peer_uids")?,
+        peer_gids: raw.peer_gids.list("server.peer_gids")?,
         api_token_file: raw
             .api_token_file
             .filter(|s| !s.is_empty())
             .map(PathBuf::from),
-        max_connections: raw.max_connections.unwrap_or(1024).max(1),
+        max_connections: raw.max_connections.unwrap_or(4096).max(1),
         header_timeout,
         body_timeout,
     })
@@ -877,6 +908,11 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
     fn env_overrides_file() {
         let d = tempfile::tempdir().unwrap();
         let env = HashMap::from([
+            (
+                "PFORTE_SERVER__PEER_UIDS".to_string(),
+                "65534,1000".to_string(),
+            ),
+            ("PFORTE_SERVER__PEER_GIDS".to_string(), "4".to_string()),
             ("PFORTE_CAPACITY__MAX_SESSIONS".to_string(), "7".to_string()),
             (
                 "PFORTE_SERVER__LISTEN".to_string(),
@@ -885,6 +921,8 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
         ]);
         let c = load_with_env(&write(d.path(), MINIMAL), env).unwrap();
         assert_eq!(c.rules.capacity.max_sessions, 7);
+        assert_eq!(c.server.peer_uids, vec![65534, 1000]);
+        assert_eq!(c.server.peer_gids, vec![4]);
         assert_eq!(c.server.listen, Some("127.0.0.1:1".parse().unwrap()));
     }
 

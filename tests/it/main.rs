@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod daemon;
 mod hook;
+mod hostile;
 mod lifecycle;
 mod monitoring_e2e;
 mod openvpn_e2e;

@@ -123,6 +123,8 @@ pub struct Setup {
     pub watch_interval_s: u64,
     /// The office zone's address pool (for OpenVPN tests: the server's tunnel net).
     pub pool: String,
+    /// Environment for the daemon (e.g. `PFORTE_SERVER__HEADER_TIMEOUT_MS` overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -137,6 +139,7 @@ impl Default for Setup {
             extra: String::new(),
             watch_interval_s: 1,
             pool: "10.213.0.0/24".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -329,6 +332,7 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(f.config())
             .env("PFORTE_LOG", "info")
+            .envs(f.setup.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
