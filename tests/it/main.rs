@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod daemon;
+mod faults;
 mod hook;
 mod hostile;
 mod lifecycle;
