@@ -227,7 +227,7 @@ impl App {
 
     /// An audit line, if there is an audit log.
     fn audit_line(&self, rec: &AuditRecord<'_>) -> Option<Vec<u8>> {
-        self.audit.as_ref().map(|_| Audit::encode(rec))
+        self.audit.as_ref().map(|a| a.encode(rec))
     }
 
     /// Counts a decision and audits a refusal (also for requests that never reached the

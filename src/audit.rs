@@ -4,6 +4,7 @@
 //!
 //! This is where usernames, device ids and addresses go: never into metrics.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,9 +41,9 @@ pub struct AuditRecord<'a> {
     /// Device id (when known).
     pub device_id: &'a str,
     /// User.
-    pub username: &'a str,
+    pub username: Cow<'a, str>,
     /// Real remote address.
-    pub remote_addr: &'a str,
+    pub remote_addr: Cow<'a, str>,
     /// Session id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<&'a str>,
@@ -75,8 +76,8 @@ impl<'a> AuditRecord<'a> {
             zone: &req.zone,
             org_unit: session.map(|s| s.org_unit.as_str()).unwrap_or(""),
             device_id: session.map(|s| s.device_id.as_str()).unwrap_or(""),
-            username: req.identity(),
-            remote_addr: &req.remote_addr,
+            username: Cow::Borrowed(req.identity()),
+            remote_addr: Cow::Borrowed(&req.remote_addr),
             session_id: session.map(|s| s.id.as_str()),
             bytes_received: None,
             bytes_sent: None,
@@ -95,8 +96,8 @@ impl<'a> AuditRecord<'a> {
             zone: &session.zone,
             org_unit: &session.org_unit,
             device_id: &session.device_id,
-            username: req.identity(),
-            remote_addr: &req.remote_addr,
+            username: Cow::Borrowed(req.identity()),
+            remote_addr: Cow::Borrowed(&req.remote_addr),
             session_id: Some(&session.id),
             bytes_received: None,
             bytes_sent: None,
@@ -115,8 +116,8 @@ impl<'a> AuditRecord<'a> {
             zone: &s.zone,
             org_unit: &s.org_unit,
             device_id: &s.device_id,
-            username: &s.username,
-            remote_addr: &s.remote_addr,
+            username: Cow::Borrowed(&s.username),
+            remote_addr: Cow::Borrowed(&s.remote_addr),
             session_id: Some(&s.id),
             bytes_received: Some(s.bytes_received),
             bytes_sent: Some(s.bytes_sent),
@@ -129,8 +130,71 @@ struct Writer {
     size: u64,
 }
 
+/// A key for pseudonymising usernames and addresses; Debug never shows it.
+pub struct PseudonymKey(Vec<u8>);
+
+impl std::fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PseudonymKey(****)")
+    }
+}
+
+impl PseudonymKey {
+    /// Reads a key file (at least 16 bytes; not writable by everyone).
+    pub fn read(path: &Path) -> Result<PseudonymKey, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("{}: cannot read pseudonymisation key: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(format!(
+                "{}: pseudonymisation key is writable by every user; refusing it (chmod o-w)",
+                path.display()
+            ));
+        }
+        let key = std::fs::read(path)
+            .map_err(|e| format!("{}: cannot read pseudonymisation key: {e}", path.display()))?;
+        let trimmed = key.trim_ascii();
+        if trimmed.len() < 16 {
+            return Err(format!(
+                "{}: pseudonymisation key must be at least 16 bytes",
+                path.display()
+            ));
+        }
+        Ok(PseudonymKey(trimmed.to_vec()))
+    }
+
+    /// A keyed hash (HMAC-SHA256, first 16 bytes, hex): the same input gives the same
+    /// pseudonym under one key, and without the key it cannot be reversed or recomputed.
+    pub fn pseudonym(&self, value: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) else {
+            return "p:invalid-key".into();
+        };
+        mac.update(value.as_bytes());
+        let out = mac.finalize().into_bytes();
+        let mut hex = String::with_capacity(34);
+        hex.push_str("p:");
+        for b in &out[..16] {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        hex
+    }
+}
+
+/// The address part of `ip:port` or `[v6]:port` (the port says nothing about a person).
+fn address_only(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => ip,
+        _ => addr,
+    }
+}
+
 /// The audit log file.
 pub struct Audit {
+    key: Option<PseudonymKey>,
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
@@ -139,8 +203,14 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens (appending) the log, creating its folder.
-    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Audit> {
+    /// Opens (appending) the log, creating its folder. With a key, usernames and addresses
+    /// are written as keyed pseudonyms.
+    pub fn open(
+        path: &Path,
+        max_bytes: u64,
+        keep: u32,
+        key: Option<PseudonymKey>,
+    ) -> std::io::Result<Audit> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -149,6 +219,7 @@ impl Audit {
         let file = open_append(path)?;
         let size = file.metadata()?.len();
         Ok(Audit {
+            key,
             path: path.to_path_buf(),
             max_bytes: max_bytes.max(4096),
             keep,
@@ -156,8 +227,26 @@ impl Audit {
         })
     }
 
-    /// One record as a JSON line.
-    pub fn encode(rec: &AuditRecord<'_>) -> Vec<u8> {
+    /// One record as a JSON line (pseudonymised where a key is configured).
+    pub fn encode(&self, rec: &AuditRecord<'_>) -> Vec<u8> {
+        let pseudonymised;
+        let rec = match &self.key {
+            Some(key) => {
+                pseudonymised = AuditRecord {
+                    username: Cow::Owned(key.pseudonym(&rec.username)),
+                    remote_addr: if rec.remote_addr.is_empty() {
+                        Cow::Borrowed("")
+                    } else {
+                        Cow::Owned(key.pseudonym(address_only(&rec.remote_addr)))
+                    },
+                    time: rec.time.clone(),
+                    reason: rec.reason.clone(),
+                    ..*rec
+                };
+                &pseudonymised
+            }
+            None => rec,
+        };
         let mut line = serde_json::to_vec(rec).unwrap_or_else(|e| {
             format!("{{\"event\":\"unencodable\",\"error\":\"{e}\"}}").into_bytes()
         });
@@ -167,7 +256,7 @@ impl Audit {
 
     /// Appends one record. A failure is logged and counted; it does not change the decision.
     pub fn record(&self, rec: &AuditRecord<'_>, metrics: &Metrics) {
-        self.write(&Audit::encode(rec), metrics);
+        self.write(&self.encode(rec), metrics);
     }
 
     /// Appends whole lines with one write (the store's writer hands over a batch at a time).
@@ -218,4 +307,43 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .append(true)
         .mode(0o640)
         .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudonyms_are_keyed_and_stable() {
+        let a = PseudonymKey(b"0123456789abcdef".to_vec());
+        let b = PseudonymKey(b"fedcba9876543210".to_vec());
+        assert_eq!(a.pseudonym("alice"), a.pseudonym("alice"));
+        assert_ne!(a.pseudonym("alice"), a.pseudonym("bob"));
+        assert_ne!(a.pseudonym("alice"), b.pseudonym("alice"));
+        assert!(!a.pseudonym("alice").contains("alice"));
+        assert_eq!(format!("{a:?}"), "PseudonymKey(****)");
+        assert_eq!(address_only("198.51.100.7:5000"), "198.51.100.7");
+        assert_eq!(address_only("[2001:db8::1]:5000"), "2001:db8::1");
+        assert_eq!(address_only("2001:db8::1"), "2001:db8::1");
+    }
+
+    #[test]
+    fn rotation_keeps_the_retention_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let m = Metrics::new().unwrap();
+        let audit = Audit::open(&path, 4096, 2, None).unwrap();
+        let line = vec![b'x'; 1000];
+        for _ in 0..20 {
+            audit.write(&[&line[..], b"\n"].concat(), &m);
+        }
+        assert!(path.exists());
+        assert!(dir.path().join("audit.log.1").exists());
+        assert!(dir.path().join("audit.log.2").exists());
+        assert!(!dir.path().join("audit.log.3").exists());
+        for p in ["audit.log", "audit.log.1", "audit.log.2"] {
+            let n = std::fs::metadata(dir.path().join(p)).unwrap().len();
+            assert!(n <= 4096, "{p}: {n} bytes");
+        }
+    }
 }

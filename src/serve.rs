@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, Api, Token};
 use crate::app::App;
-use crate::audit::Audit;
+use crate::audit::{Audit, PseudonymKey};
 use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
@@ -129,10 +129,16 @@ pub async fn run(
     let state = Arc::new(State::new(&config, snapshot));
 
     let audit = match &config.audit.path {
-        Some(p) => Some(Arc::new(
-            Audit::open(p, config.audit.max_bytes, config.audit.keep)
-                .map_err(|e| ServeError::Start(format!("{}: audit log: {e}", p.display())))?,
-        )),
+        Some(p) => {
+            let key = match &config.audit.pseudonymise_key_file {
+                Some(k) => Some(PseudonymKey::read(k).map_err(ServeError::Start)?),
+                None => None,
+            };
+            Some(Arc::new(
+                Audit::open(p, config.audit.max_bytes, config.audit.keep, key)
+                    .map_err(|e| ServeError::Start(format!("{}: audit log: {e}", p.display())))?,
+            ))
+        }
         None => None,
     };
     let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;

@@ -520,3 +520,49 @@ async fn sigterm_drains_and_exits_zero() {
     );
     assert!(d.log().contains("session store flushed"), "{}", d.log());
 }
+
+#[tokio::test]
+async fn audit_log_pseudonymises_users_and_addresses_with_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("audit.key");
+    std::fs::write(&key, "a-secret-key-of-32-bytes-length!").unwrap();
+    let f = Fixture::new(
+        Setup {
+            env: vec![(
+                "PFORTE_AUDIT__PSEUDONYMISE_KEY_FILE".into(),
+                key.display().to_string(),
+            )],
+            ..Setup::default()
+        },
+        &devices(),
+    );
+    let d = f.start();
+    let mut c = d.client().await;
+    let req = ConnectRequest {
+        remote_addr: "203.0.113.77:51515".into(),
+        ..connect_req(&dev("D-GOOD"), "alice", "k1")
+    };
+    assert_eq!(c.connect_request(&req).await.unwrap().0, 200);
+    let denied = ConnectRequest {
+        remote_addr: "203.0.113.77:40000".into(),
+        ..connect_req(&dev("D-PRIV"), "alice", "k2")
+    };
+    assert_eq!(c.connect_request(&denied).await.unwrap().0, 403);
+    let audit = std::fs::read_to_string(f.path("state/audit.log")).unwrap();
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{audit}");
+    assert!(
+        !audit.contains("alice") && !audit.contains("203.0.113.77"),
+        "{audit}"
+    );
+    // The same person and address give the same pseudonym, so a data-protection officer can
+    // follow one case without reading names; the device id stays (it is the inventory's).
+    assert_eq!(lines[0]["username"], lines[1]["username"]);
+    assert_eq!(lines[0]["remote_addr"], lines[1]["remote_addr"]);
+    assert!(lines[0]["username"].as_str().unwrap().starts_with("p:"));
+    assert_eq!(lines[0]["device_id"], "D-GOOD");
+    assert_eq!(lines[1]["reason"], "private_device");
+}

@@ -104,6 +104,19 @@ async fn kill_9_during_a_storm_of_connects() {
         acked.len()
     );
     assert_eq!(d2.metric("pforte_seats_used"), Some(restored.len() as f64));
+    // Every acknowledged decision is in the audit log.
+    let audit = std::fs::read_to_string(f.path("state/audit.log")).unwrap();
+    let logged: HashSet<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["decision"] == "allow")
+        .filter_map(|v| v["session_id"].as_str().map(str::to_string))
+        .collect();
+    let unlogged = acked.difference(&logged).count();
+    assert_eq!(
+        unlogged, 0,
+        "acknowledged allows missing from the audit log"
+    );
 }
 
 struct Tmpfs(std::path::PathBuf);
