@@ -76,6 +76,16 @@ enum Mode {
         #[arg(long, default_value_t = 100_000)]
         sessions_large: usize,
     },
+    /// A soak: connects, disconnects, operator kills and registry reloads (some revoking
+    /// devices) for a while; checks for seat leaks at the end and samples RSS.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 20_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
     /// Registry load time and the daemon's memory for N devices.
     Load {
         #[arg(long, default_value_t = 1_000_000)]
@@ -258,6 +268,11 @@ impl Drop for Bench {
 }
 
 fn write_registry(path: &Path, n: usize) {
+    write_registry_with(path, n, |_| false);
+}
+
+/// The registry, with `revoked(i)` devices marked blocked.
+fn write_registry_with(path: &Path, n: usize, revoked: impl Fn(usize) -> bool) {
     let f = std::fs::File::create(path).unwrap();
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     writeln!(
@@ -270,6 +285,7 @@ fn write_registry(path: &Path, n: usize) {
         let (own, status) = match kind(i) {
             "private" => ("private", "active"),
             "blocked" => ("service", "blocked"),
+            _ if revoked(i) => ("service", "blocked"),
             _ => ("service", "active"),
         };
         writeln!(
@@ -619,6 +635,163 @@ fn load(cli: &Cli, devices: usize) {
     );
 }
 
+/// A small deterministic generator (xorshift), so runs are repeatable without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
+    let b = Bench::new(devices, devices, &cli.synchronous);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let stats: Arc<[AtomicU64; 6]> = Arc::new(Default::default());
+    let (connects, allowed, disconnects, kills, reloads, errors) = (0, 1, 2, 3, 4, 5);
+    let pid = b.pid();
+    let registry = b.dir.path().join("devices.csv");
+    // Reloads every 10 s; every other one revokes a rotating 1% of the devices.
+    let reloader = {
+        let stats = stats.clone();
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            while Instant::now() + Duration::from_secs(10) < deadline {
+                std::thread::sleep(Duration::from_secs(10));
+                n += 1;
+                let slice = n % 50;
+                let tmp = registry.with_extension("tmp");
+                write_registry_with(&tmp, devices, |i| n % 2 == 1 && i % 100 == 50 + slice % 40);
+                std::fs::rename(&tmp, &registry).unwrap();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+                stats[reloads].fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let sampler = {
+        let pid = b.pid();
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_secs(10));
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let rss = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    / 1024.0;
+                samples.push((started.elapsed().as_secs(), rss));
+                eprint!("\r  {:>4} s: RSS {rss:.1} MB     ", started.elapsed().as_secs());
+            }
+            eprintln!();
+            samples
+        })
+    };
+    runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..concurrency {
+            let socket = b.socket();
+            let stats = stats.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = UnixClient::connect(&socket).await.unwrap();
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1));
+                let mut held: Vec<(usize, String)> = Vec::new();
+                let mut serial = 0usize;
+                while Instant::now() < deadline {
+                    let roll = rng.below(100);
+                    if roll < 55 || held.is_empty() {
+                        // Devices are split between the clients so keys never collide.
+                        let i = rng.below(devices / concurrency) * concurrency + w;
+                        serial += 1;
+                        let mut req = request(i);
+                        req.session_key = format!("w{w}-{serial}");
+                        stats[connects].fetch_add(1, Ordering::Relaxed);
+                        match c.connect_request(&req).await {
+                            Ok((200, r)) => {
+                                stats[allowed].fetch_add(1, Ordering::Relaxed);
+                                held.push((serial, r.session_id.unwrap_or_default()));
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                stats[errors].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    } else if roll < 92 {
+                        let (k, _) = held.swap_remove(rng.below(held.len()));
+                        let mut d = disconnect(0);
+                        d.session_key = format!("w{w}-{k}");
+                        stats[disconnects].fetch_add(1, Ordering::Relaxed);
+                        if c.disconnect_request(&d).await.is_err() {
+                            stats[errors].fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        let (_, id) = held.swap_remove(rng.below(held.len()));
+                        stats[kills].fetch_add(1, Ordering::Relaxed);
+                        if c
+                            .request(hyper::Method::DELETE, &format!("/v1/sessions/{id}"), None)
+                            .await
+                            .is_err()
+                        {
+                            stats[errors].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // The end: everyone leaves.
+                for (k, _) in held {
+                    let mut d = disconnect(0);
+                    d.session_key = format!("w{w}-{k}");
+                    let _ = c.disconnect_request(&d).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let _ = reloader.join();
+    let samples = sampler.join().unwrap();
+    let metrics = {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    };
+    let seats = metrics
+        .lines()
+        .find(|l| l.starts_with("pforte_seats_used "))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("?")
+        .to_string();
+    let warm: Vec<f64> = samples.iter().filter(|(t, _)| *t >= 60).map(|(_, r)| *r).collect();
+    let (first, last) = (warm.first().copied().unwrap_or(0.0), warm.last().copied().unwrap_or(0.0));
+    let max = warm.iter().copied().fold(0.0, f64::max);
+    let get = |i: usize| stats[i].load(Ordering::Relaxed);
+    println!(
+        "soak: {seconds} s, {concurrency} clients, {devices} devices: {} connects ({} allowed), {} disconnects, {} operator kills, {} reloads, {} errors; seats used at the end: {seats} (0 = no leak); RSS after 1 min {first:.1} MB, at the end {last:.1} MB, max {max:.1} MB",
+        get(connects),
+        get(allowed),
+        get(disconnects),
+        get(kills),
+        get(reloads),
+        get(errors)
+    );
+}
+
 fn main() {
     let cli = Cli::parse();
     match cli.mode {
@@ -643,5 +816,10 @@ fn main() {
             sessions_large,
         } => scrape(&cli, sessions, sessions_large),
         Mode::Load { devices } => load(&cli, devices),
+        Mode::Soak {
+            seconds,
+            devices,
+            concurrency,
+        } => soak(&cli, seconds, devices, concurrency),
     }
 }
