@@ -33,7 +33,7 @@ struct Cli {
     #[arg(long, global = true, hide = true)]
     bench: bool,
     /// `synchronous` of the session store: full or normal.
-    #[arg(long, global = true, default_value = "full")]
+    #[arg(long, global = true, default_value = "normal")]
     synchronous: String,
 }
 
@@ -685,7 +685,8 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
             let mut samples = Vec::new();
             while Instant::now() < deadline {
                 std::thread::sleep(Duration::from_secs(10));
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 let rss = status
                     .lines()
                     .find(|l| l.starts_with("VmRSS:"))
@@ -694,7 +695,10 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
                     .unwrap_or(0.0)
                     / 1024.0;
                 samples.push((started.elapsed().as_secs(), rss));
-                eprint!("\r  {:>4} s: RSS {rss:.1} MB     ", started.elapsed().as_secs());
+                eprint!(
+                    "\r  {:>4} s: RSS {rss:.1} MB     ",
+                    started.elapsed().as_secs()
+                );
             }
             eprintln!();
             samples
@@ -740,8 +744,7 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
                     } else {
                         let (_, id) = held.swap_remove(rng.below(held.len()));
                         stats[kills].fetch_add(1, Ordering::Relaxed);
-                        if c
-                            .request(hyper::Method::DELETE, &format!("/v1/sessions/{id}"), None)
+                        if c.request(hyper::Method::DELETE, &format!("/v1/sessions/{id}"), None)
                             .await
                             .is_err()
                         {
@@ -766,7 +769,8 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
     let metrics = {
         use std::io::Read;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", b.port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).unwrap();
         buf
@@ -777,8 +781,15 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
         .and_then(|l| l.rsplit(' ').next())
         .unwrap_or("?")
         .to_string();
-    let warm: Vec<f64> = samples.iter().filter(|(t, _)| *t >= 60).map(|(_, r)| *r).collect();
-    let (first, last) = (warm.first().copied().unwrap_or(0.0), warm.last().copied().unwrap_or(0.0));
+    let warm: Vec<f64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= 60)
+        .map(|(_, r)| *r)
+        .collect();
+    let (first, last) = (
+        warm.first().copied().unwrap_or(0.0),
+        warm.last().copied().unwrap_or(0.0),
+    );
     let max = warm.iter().copied().fold(0.0, f64::max);
     let get = |i: usize| stats[i].load(Ordering::Relaxed);
     println!(

@@ -566,3 +566,41 @@ async fn audit_log_pseudonymises_users_and_addresses_with_a_key() {
     assert_eq!(lines[0]["device_id"], "D-GOOD");
     assert_eq!(lines[1]["reason"], "private_device");
 }
+
+/// SIGTERM while a request is half sent: the daemon stops accepting, answers the request in
+/// flight, flushes the store and exits 0.
+#[tokio::test]
+async fn sigterm_finishes_the_request_in_flight() {
+    use std::io::{Read, Write};
+    let f = Fixture::new(Setup::default(), &devices());
+    let mut d = f.start();
+    let body = serde_json::to_string(&connect_req(&dev("D-GOOD"), "alice", "k1")).unwrap();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /v1/connect HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{head}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    d.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // New connections are no longer accepted...
+    assert!(
+        std::os::unix::net::UnixStream::connect(&d.socket).is_err()
+            || http_get(d.port, "/healthz").is_none(),
+        "still accepting after SIGTERM"
+    );
+    // ...but the request in flight is answered.
+    s.write_all(tail.as_bytes()).unwrap();
+    let mut answer = [0u8; 12];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    drop(s);
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0), "{}", d.log());
+    // And it was persisted: a restart has the session.
+    let d2 = f.start();
+    assert_eq!(d2.metric("pforte_seats_used"), Some(1.0));
+}
