@@ -91,6 +91,9 @@ impl SqliteStore {
                 Durability::Normal => "NORMAL",
             },
         )?;
+        // Checkpoints run on their own connection and thread (see `spawn_checkpointer`), so
+        // copying the WAL into the database never stalls a commit that someone waits for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS sessions (
                 id TEXT PRIMARY KEY,
@@ -202,6 +205,24 @@ impl SessionStore for SqliteStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Checkpoints the WAL every `every` from a connection of its own (PASSIVE: it never waits for
+/// the writer, and the writer never waits for it). Runs for the life of the process.
+pub fn spawn_checkpointer(path: &Path, every: Duration) -> Result<(), StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_millis(100))?;
+    std::thread::Builder::new()
+        .name("pforte-checkpoint".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "WAL checkpoint did not run");
+                }
+            }
+        })?;
+    Ok(())
 }
 
 type Ack = oneshot::Sender<Result<(), String>>;
