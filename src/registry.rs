@@ -292,7 +292,21 @@ impl Registry {
         users: Option<&Path>,
         rules: &Rules,
     ) -> Result<Registry, RegistryError> {
+        Registry::load_paced(devices, users, rules, false)
+    }
+
+    /// As [`Registry::load`]; `paced` (for reloads while the daemon serves) rests after every
+    /// few thousand rows as long as they took, so a reload of a million devices uses about
+    /// half a core and leaves the rest to the decisions in flight.
+    pub fn load_paced(
+        devices: &Path,
+        users: Option<&Path>,
+        rules: &Rules,
+        paced: bool,
+    ) -> Result<Registry, RegistryError> {
         let mut reg = Registry::default();
+        let mut chunk_started = std::time::Instant::now();
+        let mut rows = 0usize;
         let file = devices.display().to_string();
         let interner = OrgUnits::new(rules);
         let is_json = devices
@@ -332,6 +346,11 @@ impl Registry {
                 let line = rec.position().map(|p| p.line()).unwrap_or(0);
                 if rec.iter().all(str::is_empty) {
                     continue;
+                }
+                rows += 1;
+                if paced && rows % 4096 == 0 {
+                    std::thread::sleep(chunk_started.elapsed());
+                    chunk_started = std::time::Instant::now();
                 }
                 let get = |name: &str| columns.position(name).and_then(|i| rec.get(i));
                 let device = parse_device_with(&get, rules, &interner)
@@ -373,10 +392,12 @@ impl Registry {
     pub fn insert_device(&mut self, d: Device) -> Result<(), String> {
         let idx = u32::try_from(self.devices.len()).map_err(|_| "too many devices".to_string())?;
         let devices = &self.devices;
+        // An entry may point at `idx`, the device being inserted (a key listed twice in one
+        // row), which is not in `devices` yet: `get`, never index.
         let h = self.hasher.hash_one(&*d.id);
         let by_id = self.by_id.0.entry(
             h,
-            |&(eh, i)| eh == h && devices[i as usize].id == d.id,
+            |&(eh, i)| eh == h && devices.get(i as usize).is_some_and(|x| x.id == d.id),
             |&(eh, _)| eh,
         );
         match by_id {
@@ -392,7 +413,12 @@ impl Registry {
             let seen = d.cert_sha256[..n].contains(fp);
             let entry = self.by_sha256.0.entry(
                 h,
-                |&(eh, i)| eh == h && devices[i as usize].cert_sha256.contains(fp),
+                |&(eh, i)| {
+                    eh == h
+                        && devices
+                            .get(i as usize)
+                            .is_some_and(|x| x.cert_sha256.contains(fp))
+                },
                 |&(eh, _)| eh,
             );
             match entry {
@@ -413,7 +439,12 @@ impl Registry {
             let seen = d.cert_serial[..n].contains(s);
             let entry = self.by_serial.0.entry(
                 h,
-                |&(eh, i)| eh == h && devices[i as usize].cert_serial.contains(s),
+                |&(eh, i)| {
+                    eh == h
+                        && devices
+                            .get(i as usize)
+                            .is_some_and(|x| x.cert_serial.contains(s))
+                },
                 |&(eh, _)| eh,
             );
             match entry {
@@ -434,7 +465,12 @@ impl Registry {
             let h = self.hasher.hash_one(hw);
             if let hashbrown::hash_table::Entry::Vacant(v) = self.by_hwaddr.0.entry(
                 h,
-                |&(eh, i)| eh == h && devices[i as usize].hwaddr.contains(hw),
+                |&(eh, i)| {
+                    eh == h
+                        && devices
+                            .get(i as usize)
+                            .is_some_and(|x| x.hwaddr.contains(hw))
+                },
                 |&(eh, _)| eh,
             ) {
                 v.insert((h, idx));
@@ -456,7 +492,9 @@ impl Registry {
     /// The device with this certificate fingerprint.
     pub fn device_by_sha256(&self, fp: &[u8; 32]) -> Option<&Device> {
         let idx = self.by_sha256.find(fp_hash(fp), |i| {
-            self.devices[i as usize].cert_sha256.contains(fp)
+            self.devices
+                .get(i as usize)
+                .is_some_and(|x| x.cert_sha256.contains(fp))
         });
         self.at(idx)
     }
@@ -464,10 +502,9 @@ impl Registry {
     /// The device with this certificate serial (normalised decimal).
     pub fn device_by_serial(&self, serial: &str) -> Option<&Device> {
         let idx = self.by_serial.find(self.hash(serial), |i| {
-            self.devices[i as usize]
-                .cert_serial
-                .iter()
-                .any(|s| &**s == serial)
+            self.devices
+                .get(i as usize)
+                .is_some_and(|x| x.cert_serial.iter().any(|s| &**s == serial))
         });
         self.at(idx)
     }
@@ -475,16 +512,18 @@ impl Registry {
     /// The device with this hardware address.
     pub fn device_by_hwaddr(&self, hw: &HwAddr) -> Option<&Device> {
         let idx = self.by_hwaddr.find(self.hash(hw), |i| {
-            self.devices[i as usize].hwaddr.contains(hw)
+            self.devices
+                .get(i as usize)
+                .is_some_and(|x| x.hwaddr.contains(hw))
         });
         self.at(idx)
     }
 
     /// The device with this inventory id.
     pub fn device_by_id(&self, id: &str) -> Option<&Device> {
-        let idx = self
-            .by_id
-            .find(self.hash(id), |i| &*self.devices[i as usize].id == id);
+        let idx = self.by_id.find(self.hash(id), |i| {
+            self.devices.get(i as usize).is_some_and(|x| &*x.id == id)
+        });
         self.at(idx)
     }
 

@@ -79,14 +79,20 @@ fn refuse_world_writable(path: &Path) -> Result<(), LoadError> {
 
 /// Builds a snapshot from a validated config: reads the registry files.
 pub fn build(config: &Config) -> Result<Snapshot, LoadError> {
+    build_paced(config, false)
+}
+
+/// As [`build`]; `paced` reads the registry at about half a core (reloads while serving).
+pub fn build_paced(config: &Config, paced: bool) -> Result<Snapshot, LoadError> {
     refuse_world_writable(&config.registry.devices)?;
     if let Some(u) = &config.registry.users {
         refuse_world_writable(u)?;
     }
-    let registry = Registry::load(
+    let registry = Registry::load_paced(
         &config.registry.devices,
         config.registry.users.as_deref(),
         &config.rules,
+        paced,
     )?;
     Ok(Snapshot {
         rules: config.rules.clone(),
@@ -135,7 +141,7 @@ impl State {
     pub fn reload(&self) -> Result<Arc<Snapshot>, LoadError> {
         let config = config::load(&self.config_path)?;
         let stamps = FileStamps::of(&watched(&config));
-        let snapshot = Arc::new(build(&config)?);
+        let snapshot = Arc::new(build_paced(&config, true)?);
         self.current.store(snapshot.clone());
         *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
         Ok(snapshot)
