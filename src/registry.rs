@@ -348,7 +348,7 @@ impl Registry {
                     continue;
                 }
                 rows += 1;
-                if paced && rows % 4096 == 0 {
+                if paced && rows.is_multiple_of(4096) {
                     std::thread::sleep(chunk_started.elapsed());
                     chunk_started = std::time::Instant::now();
                 }
