@@ -715,8 +715,11 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
                 let mut held: Vec<(usize, String)> = Vec::new();
                 let mut serial = 0usize;
                 while Instant::now() < deadline {
+                    // Around 200 sessions per client at any time (a steady state, so RSS
+                    // must stay flat): connect below that, mostly end above it.
                     let roll = rng.below(100);
-                    if roll < 55 || held.is_empty() {
+                    let connect_share = if held.len() < 200 { 70 } else { 30 };
+                    if roll < connect_share || held.is_empty() {
                         // Devices are split between the clients so keys never collide.
                         let i = rng.below(devices / concurrency) * concurrency + w;
                         serial += 1;
@@ -733,7 +736,7 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
                                 stats[errors].fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                    } else if roll < 92 {
+                    } else if roll < connect_share + (100 - connect_share) * 4 / 5 {
                         let (k, _) = held.swap_remove(rng.below(held.len()));
                         let mut d = disconnect(0);
                         d.session_key = format!("w{w}-{k}");

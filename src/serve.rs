@@ -143,7 +143,7 @@ pub async fn run(
     };
     let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;
     let stored = sqlite.load()?;
-    store::spawn_checkpointer(&config.store.path, Duration::from_secs(1))?;
+    store::spawn_checkpointer(&config.store.path, Duration::from_millis(100))?;
     let (store, _writer) = store::spawn_writer(
         sqlite,
         metrics.clone(),

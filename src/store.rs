@@ -91,8 +91,8 @@ impl SqliteStore {
                 Durability::Normal => "NORMAL",
             },
         )?;
-        // Checkpoints run on their own connection and thread (see `spawn_checkpointer`), so
-        // copying the WAL into the database never stalls a commit that someone waits for.
+        // Checkpoints run on their own connection and thread (see `spawn_checkpointer`), not
+        // inside a commit that someone waits for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS sessions (
@@ -207,18 +207,36 @@ impl SessionStore for SqliteStore {
     }
 }
 
-/// Checkpoints the WAL every `every` from a connection of its own (PASSIVE: it never waits for
-/// the writer, and the writer never waits for it). Runs for the life of the process.
+/// WAL size (in 4 KiB frames) above which the checkpointer also restarts the WAL.
+const WAL_RESTART_FRAMES: i64 = 16384;
+
+/// Keeps the WAL short from a connection of its own: every `every` a PASSIVE checkpoint copies
+/// committed frames into the database without waiting for the writer (and without the writer
+/// waiting for it); when the WAL has grown past [`WAL_RESTART_FRAMES`] (64 MiB) a TRUNCATE
+/// checkpoint finishes the few frames left, holding the writer back only for those, and lets
+/// the WAL start over. Under continuous writes a PASSIVE checkpoint alone never completes, and
+/// the WAL would grow without end. Runs for the life of the process.
 pub fn spawn_checkpointer(path: &Path, every: Duration) -> Result<(), StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_millis(100))?;
+    conn.busy_timeout(Duration::from_secs(2))?;
     std::thread::Builder::new()
         .name("pforte-checkpoint".into())
         .spawn(move || {
+            let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64)> {
+                conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(1)?, r.get(2)?))
+                })
+            };
             loop {
                 std::thread::sleep(every);
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "WAL checkpoint did not run");
+                match checkpoint("PASSIVE") {
+                    Ok((log, _)) if log > WAL_RESTART_FRAMES => {
+                        if let Err(e) = checkpoint("TRUNCATE") {
+                            tracing::debug!(error = %e, "WAL restart did not run");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "WAL checkpoint did not run"),
                 }
             }
         })?;
@@ -431,5 +449,56 @@ impl StoreHandle {
             .send(Job::Flush(tx))
             .map_err(|_| StoreError::Stopped.to_string())?;
         rx.await.map_err(|_| StoreError::Stopped.to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(i: usize) -> Session {
+        Session {
+            id: format!("s{i}"),
+            vpn: "openvpn".into(),
+            instance: "i".into(),
+            session_key: format!("k{i}"),
+            zone: "office".into(),
+            org_unit: "it".into(),
+            level: 1,
+            priority: false,
+            device_id: format!("d{i}"),
+            username: format!("u{i}"),
+            common_name: String::new(),
+            remote_addr: String::new(),
+            tunnel_ip: None,
+            pool_ip: false,
+            started_at: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }
+    }
+
+    /// Under continuous commits the WAL must start over now and then: a PASSIVE checkpoint
+    /// alone never completes while a writer keeps writing, and the WAL grew by gigabytes.
+    #[test]
+    fn wal_stays_bounded_under_continuous_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
+        spawn_checkpointer(&path, Duration::from_millis(10)).unwrap();
+        // 30,000 commits of one insert and one delete: without restarts over 200 MB of WAL.
+        for i in 0..30_000 {
+            store
+                .apply(&[
+                    StoreOp::Insert(Box::new(session(i))),
+                    StoreOp::Delete(format!("s{}", i.saturating_sub(1))),
+                ])
+                .unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("s.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(wal < 100 * 1024 * 1024, "WAL is {wal} bytes");
+        assert_eq!(store.load().unwrap().len(), 1);
     }
 }
