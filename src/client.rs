@@ -1,13 +1,19 @@
-//! A small HTTP/1.1 client for pforte's API over its Unix socket, with keep-alive. Used by the
-//! hook, the load generator and the tests.
+//! A small HTTP/1.1 client for pforte's API over its Unix socket: [`UnixClient`] (async,
+//! keep-alive) for the load generator and the tests, [`request_once`] (one blocking request,
+//! no runtime) for the hook.
 
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, setsockopt, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
 use tokio::net::UnixStream;
 
 use crate::app::{ConnectResponse, DisconnectRequest};
@@ -30,6 +36,12 @@ pub enum ClientError {
     /// Building the request failed.
     #[error("request: {0}")]
     Request(#[from] hyper::http::Error),
+    /// No (complete) answer within the time allowed.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Writing the request or reading the answer failed.
+    #[error("socket: {0}")]
+    Io(std::io::Error),
     /// The answer was not the expected JSON.
     #[error("unexpected answer (status {status}): {body}")]
     Answer {
@@ -113,5 +125,190 @@ impl UnixClient {
             body: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
         })?;
         Ok((status, v))
+    }
+}
+
+/// Longest answer [`request_once`] reads.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// One request on a fresh connection, blocking and without an async runtime: for a
+/// short-lived process such as the hook, where starting a runtime and an HTTP stack costs more
+/// than the request itself. Sends `connection: close` and reads the answer to its end.
+/// `timeout` bounds the whole exchange, the connect included (`SO_SNDTIMEO`, set before
+/// connecting, bounds a connect to a Unix socket whose listen queue is full). Returns the
+/// status and the body; a JSON body is sent as `application/json`.
+pub fn request_once(
+    path: &Path,
+    method: &str,
+    uri: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(ClientError::Timeout(timeout))
+        } else {
+            Ok(d)
+        }
+    };
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::Timeout(timeout)
+        }
+        _ => ClientError::Io(e),
+    };
+    let connect_err = |e: nix::Error| match e {
+        nix::Error::EAGAIN | nix::Error::ETIMEDOUT => ClientError::Timeout(timeout),
+        e => ClientError::Connect {
+            path: path.display().to_string(),
+            source: std::io::Error::from(e),
+        },
+    };
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(connect_err)?;
+    let micros = i64::try_from(timeout.as_micros())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros)).map_err(connect_err)?;
+    let addr = UnixAddr::new(path).map_err(connect_err)?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(connect_err)?;
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+
+    let mut out = format!(
+        "{method} {uri} HTTP/1.1\r\nhost: pforte\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        out.push_str("content-type: application/json\r\n");
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    stream.set_write_timeout(Some(left()?)).map_err(io)?;
+    stream.write_all(&out).map_err(io)?;
+
+    let mut answer = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    loop {
+        stream.set_read_timeout(Some(left()?)).map_err(io)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if answer.len() > MAX_ANSWER {
+                    return Err(ClientError::Answer {
+                        status: 0,
+                        body: format!("answer longer than {MAX_ANSWER} bytes"),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    parse_answer(&answer)
+}
+
+/// Status and body of a complete HTTP/1.1 answer: the body is `content-length` bytes, or
+/// everything after the headers when there is none. A chunked answer is refused (the daemon
+/// never sends one).
+fn parse_answer(answer: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
+    let bad = |why: &str| ClientError::Answer {
+        status: 0,
+        body: why.to_string(),
+    };
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("incomplete answer (no end of headers)"))?;
+    let head = std::str::from_utf8(&answer[..split]).map_err(|_| bad("headers not UTF-8"))?;
+    let rest = &answer[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| {
+            l.strip_prefix("HTTP/1.1 ")
+                .or_else(|| l.strip_prefix("HTTP/1.0 "))
+        })
+        .and_then(|l| l.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(bad("chunked answer"));
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| bad("bad content-length"))?;
+            length = Some(n);
+        }
+    }
+    let body = match length {
+        Some(n) if n <= rest.len() => rest[..n].to_vec(),
+        Some(_) => {
+            return Err(ClientError::Answer {
+                status,
+                body: "answer cut short".into(),
+            });
+        }
+        None => rest.to_vec(),
+    };
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_complete_answer() {
+        let a = b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nContent-Length: 2\r\ndate: x\r\n\r\n{}";
+        let (status, body) = parse_answer(a).unwrap_or_default();
+        assert_eq!(status, 403);
+        assert_eq!(body, b"{}");
+    }
+
+    #[test]
+    fn refuses_cut_short_chunked_and_headless_answers() {
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}").is_err());
+        assert!(
+            parse_answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}").is_err()
+        );
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2").is_err());
+        assert!(parse_answer(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn a_missing_daemon_is_a_connect_error_and_a_silent_one_a_timeout() {
+        let dir = std::env::temp_dir().join(format!("pforte-client-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let missing = dir.join("missing.sock");
+        assert!(matches!(
+            request_once(&missing, "GET", "/healthz", b"", Duration::from_millis(200)),
+            Err(ClientError::Connect { .. })
+        ));
+        let path = dir.join("silent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path);
+        assert!(listener.is_ok());
+        let started = Instant::now();
+        let r = request_once(&path, "GET", "/healthz", b"", Duration::from_millis(200));
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

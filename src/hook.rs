@@ -5,9 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::client::UnixClient;
+use crate::app::ConnectResponse;
+use crate::client::{ClientError, request_once};
 use crate::vpn::openvpn::{self, HookSettings};
 
 /// Exit code that accepts.
@@ -48,25 +49,17 @@ pub fn environment() -> HashMap<String, String> {
         .collect()
 }
 
-/// Runs the hook; returns the exit code.
+/// Runs the hook; returns the exit code. Each call is one blocking request
+/// ([`request_once`]): no async runtime, which would cost a short-lived process more than the
+/// request.
 pub fn run_openvpn(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     let script_type = env.get("script_type").map(String::as_str).unwrap_or("");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pforte hook: cannot start: {e}");
-            return unreachable_code(opts);
-        }
-    };
     match script_type {
-        "client-connect" if opts.deferred_child => runtime.block_on(deferred_child(opts, env)),
+        "client-connect" if opts.deferred_child => deferred_child(opts, env),
         "client-connect" if opts.deferred => deferred_connect(opts, env),
-        "client-connect" => runtime.block_on(client_connect(opts, env)),
-        "client-disconnect" => runtime.block_on(client_disconnect(opts, env)),
-        "tls-verify" => runtime.block_on(tls_verify(opts, env)),
+        "client-connect" => client_connect(opts, env),
+        "client-disconnect" => client_disconnect(opts, env),
+        "tls-verify" => tls_verify(opts, env),
         other => {
             eprintln!(
                 "pforte hook: unsupported script_type `{other}`; use it as tls-verify, client-connect or client-disconnect"
@@ -74,10 +67,6 @@ pub fn run_openvpn(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
             REFUSE
         }
     }
-}
-
-fn unreachable_code(opts: &HookOptions) -> i32 {
-    if opts.fail_open { ACCEPT } else { REFUSE }
 }
 
 fn who(env: &HashMap<String, String>) -> String {
@@ -95,12 +84,18 @@ enum Verdict {
     Refuse,
 }
 
-async fn ask(opts: &HookOptions, env: &HashMap<String, String>) -> Verdict {
+/// `POST` of a JSON body to the daemon, bounded by the hook's timeout.
+fn post(
+    opts: &HookOptions,
+    uri: &str,
+    body: &impl serde::Serialize,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    request_once(&opts.socket, "POST", uri, &body, opts.timeout)
+}
+
+fn ask(opts: &HookOptions, env: &HashMap<String, String>) -> Verdict {
     let req = openvpn::connect_request(env, &opts.settings);
-    let call = async {
-        let mut c = UnixClient::connect(&opts.socket).await?;
-        c.connect_request(&req).await
-    };
     let down = |why: String| {
         if daemon_down(opts, env, &why) == ACCEPT {
             Verdict::Allow(String::new())
@@ -108,10 +103,15 @@ async fn ask(opts: &HookOptions, env: &HashMap<String, String>) -> Verdict {
             Verdict::Refuse
         }
     };
-    let resp = match tokio::time::timeout(opts.timeout, call).await {
-        Ok(Ok((_, resp))) => resp,
-        Ok(Err(e)) => return down(e.to_string()),
-        Err(_) => return down(format!("no answer within {:?}", opts.timeout)),
+    let resp: ConnectResponse = match post(opts, "/v1/connect", &req) {
+        Ok((status, bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(resp) => resp,
+            Err(_) => {
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+                return down(format!("unexpected answer (status {status}): {text}"));
+            }
+        },
+        Err(e) => return down(e.to_string()),
     };
     if !resp.allowed() {
         let reason = resp.reason.map(|r| r.as_str()).unwrap_or("unknown");
@@ -126,8 +126,8 @@ async fn ask(opts: &HookOptions, env: &HashMap<String, String>) -> Verdict {
     )
 }
 
-async fn client_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
-    let Verdict::Allow(text) = ask(opts, env).await else {
+fn client_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+    let Verdict::Allow(text) = ask(opts, env) else {
         return REFUSE;
     };
     let target = opts
@@ -152,11 +152,7 @@ fn deferred_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
         env.get("client_connect_config_file"),
     ) else {
         eprintln!("pforte hook: OpenVPN offers no deferred client-connect here; deciding at once");
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|rt| rt.block_on(client_connect(opts, env)))
-            .unwrap_or(REFUSE);
+        return client_connect(opts, env);
     };
     if let Err(e) = std::fs::write(deferred, "2") {
         eprintln!("pforte hook: cannot write {deferred}: {e}; refusing");
@@ -187,25 +183,60 @@ fn deferred_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     if opts.fail_open {
         cmd.arg("--fail-open");
     }
+    // The child waits for this process to end before it writes anything (see
+    // `wait_until_openvpn_has_read`).
+    cmd.env(PARENT_ENV, std::process::id().to_string());
     match cmd.spawn() {
         Ok(_) => ACCEPT,
         Err(e) => {
-            eprintln!("pforte hook: cannot start the deferred decision: {e}; refusing");
-            let _ = std::fs::write(deferred, "0");
-            ACCEPT
+            // Exit 0 with anything but `2` in the file is success to OpenVPN: never leave a
+            // `0` there and exit 0. Decide at once instead, with the file emptied.
+            eprintln!("pforte hook: cannot start the deferred decision: {e}; deciding at once");
+            if let Err(e) = std::fs::write(deferred, "") {
+                eprintln!("pforte hook: cannot write {deferred}: {e}; refusing");
+                return REFUSE;
+            }
+            client_connect(opts, env)
         }
     }
 }
 
+/// Environment variable that hands the hook's process id to its deferred child.
+const PARENT_ENV: &str = "PFORTE_DEFERRED_PARENT";
+
+/// How long the deferred child waits after the hook process has ended before it writes.
+const DEFERRED_GRACE: Duration = Duration::from_millis(200);
+
+/// Waits until OpenVPN has read the `2` the hook wrote, as far as a script can tell.
+///
+/// OpenVPN 2.6 reads the deferred file once right after the script exits
+/// (`multi_client_connect_call_script` in multi.c) and takes anything but `2` there, a `0` or
+/// an empty file included, for success: a refusal written before that read admits the client
+/// (seen with fast answers in `benches/openvpn_connect.rs`). The child therefore waits until
+/// the hook process has ended (its parent changes) and then [`DEFERRED_GRACE`] more, for
+/// OpenVPN's read that follows at once; later reads are the deferred polls, which treat `0`
+/// as refusal. Bounded by `timeout`.
+fn wait_until_openvpn_has_read(env: &HashMap<String, String>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    if let Some(parent) = env.get(PARENT_ENV).and_then(|p| p.parse::<u32>().ok()) {
+        while std::os::unix::process::parent_id() == parent && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    std::thread::sleep(DEFERRED_GRACE.min(deadline.saturating_duration_since(Instant::now())));
+}
+
 /// The detached half of a deferred client-connect.
-async fn deferred_child(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+fn deferred_child(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     let (Some(deferred), Some(config)) = (
         env.get("client_connect_deferred_file"),
         env.get("client_connect_config_file"),
     ) else {
         return REFUSE;
     };
-    let verdict = match ask(opts, env).await {
+    let answer = ask(opts, env);
+    wait_until_openvpn_has_read(env, opts.timeout);
+    let verdict = match answer {
         Verdict::Allow(text) => match std::fs::write(config, text) {
             Ok(()) => "1",
             Err(e) => {
@@ -242,41 +273,31 @@ fn daemon_down(opts: &HookOptions, env: &HashMap<String, String>, why: &str) -> 
     }
 }
 
-async fn client_disconnect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+fn client_disconnect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     let req = openvpn::disconnect_request(env, &opts.settings);
-    let call = async {
-        let mut c = UnixClient::connect(&opts.socket).await?;
-        c.disconnect_request(&req).await
-    };
-    match tokio::time::timeout(opts.timeout, call).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("pforte hook: disconnect of {} not recorded: {e}", who(env)),
-        Err(_) => eprintln!(
-            "pforte hook: disconnect of {} not recorded: no answer within {:?}",
+    match post(opts, "/v1/disconnect", &req) {
+        Ok((200, _)) => {}
+        Ok((status, bytes)) => eprintln!(
+            "pforte hook: disconnect of {} not recorded: status {status}: {}",
             who(env),
-            opts.timeout
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
         ),
+        Err(e) => eprintln!("pforte hook: disconnect of {} not recorded: {e}", who(env)),
     }
     // OpenVPN ignores the exit code of client-disconnect; the daemon reconciles later.
     ACCEPT
 }
 
-async fn tls_verify(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
+fn tls_verify(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     // OpenVPN calls tls-verify once per certificate depth, the CA first; only depth 0 is the
     // client's own certificate.
     if opts.args.first().map(String::as_str) != Some("0") {
         return ACCEPT;
     }
     let req = openvpn::connect_request(env, &opts.settings);
-    let call = async {
-        let mut c = UnixClient::connect(&opts.socket).await?;
-        let body = serde_json::to_vec(&req).unwrap_or_default();
-        c.request(hyper::Method::POST, "/v1/verify", Some(body))
-            .await
-    };
-    match tokio::time::timeout(opts.timeout, call).await {
-        Ok(Ok((200, _))) => ACCEPT,
-        Ok(Ok((_, body))) => {
+    match post(opts, "/v1/verify", &req) {
+        Ok((200, _)) => ACCEPT,
+        Ok((_, body)) => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             eprintln!(
                 "pforte: refused {} at TLS: {}: {}",
@@ -286,7 +307,6 @@ async fn tls_verify(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
             );
             REFUSE
         }
-        Ok(Err(e)) => daemon_down(opts, env, &e.to_string()),
-        Err(_) => daemon_down(opts, env, &format!("no answer within {:?}", opts.timeout)),
+        Err(e) => daemon_down(opts, env, &e.to_string()),
     }
 }

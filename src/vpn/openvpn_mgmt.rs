@@ -38,7 +38,7 @@ const UNKNOWN_GRACE_S: i64 = 30;
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The timeout of the `client-pending-auth` that wakes a client after its decision
-/// ([`Conn::wake`]): OpenVPN's default `hand-window`, so nothing changes for the client.
+/// ([`wake_command`]): OpenVPN's default `hand-window`, so nothing changes for the client.
 const WAKE_TIMEOUT_S: u32 = 60;
 
 /// A command from the pass-through socket and where its reply goes.
@@ -358,8 +358,9 @@ impl<'a> Conn<'a> {
     }
 
     /// Answers a `>CLIENT:CONNECT` (or the `>CLIENT:REAUTH` of a client pforte has no session
-    /// for) with `client-auth` and the pushed config, or `client-deny`; a new connection's
-    /// instance is then woken ([`Conn::wake`]) so OpenVPN acts on the answer at once.
+    /// for) with `client-auth` and the pushed config, or `client-deny`. The `client-auth` of a
+    /// new connection goes out together with [`wake_command`], so OpenVPN pushes the config at
+    /// once.
     async fn decide(&mut self, ev: &ClientEvent, real: &str) -> std::io::Result<()> {
         let mut req = openvpn::connect_request(&ev.env, &self.settings);
         let key = auth_key(real, ev.cid);
@@ -373,41 +374,38 @@ impl<'a> Conn<'a> {
                 cmd.push_str(&openvpn::dynamic_config(push));
             }
             cmd.push_str("END\n");
-            self.send(&cmd, Pending::Quiet("client-auth")).await?;
+            if ev.kind == ClientEventKind::Connect {
+                self.send_all(vec![
+                    (cmd, Pending::Quiet("client-auth")),
+                    (
+                        wake_command(ev.cid, kid),
+                        Pending::Quiet("client-pending-auth (wake-up after client-auth)"),
+                    ),
+                ])
+                .await
+            } else {
+                self.send(&cmd, Pending::Quiet("client-auth")).await
+            }
         } else {
-            self.deny(ev.cid, kid, &resp).await?;
+            self.deny(ev.cid, kid, &resp).await
         }
-        if ev.kind == ClientEventKind::Connect {
-            self.wake(ev.cid, kid).await?;
-        }
-        Ok(())
     }
 
-    /// Makes OpenVPN act on the decision just sent for a new connection now, not up to a
-    /// second later.
-    ///
-    /// OpenVPN 2.6 (`management_client_auth` in multi.c) records a `client-auth` or
-    /// `client-deny` without scheduling the client's instance again. The instance next runs
-    /// when a packet from the client arrives or its timer fires: a decision that arrives before
-    /// the server has finished the client's TLS handshake is acted on with the handshake's last
-    /// packets, one that arrives after waits for the client's next PUSH_REQUEST (its fixed
-    /// one-second timer), so about half the connects took 1.0–1.2 s instead of ~20 ms.
-    /// `client-pending-auth` is the only management command besides `client-kill` that
-    /// reschedules the instance (`reschedule_multi_process` and
-    /// `multi_schedule_context_wakeup` in `management_client_pending_auth`), so it follows
-    /// the decision: the instance runs in the same event-loop round, finds the decision
-    /// (`tls_authentication_status`) and pushes the configuration (or AUTH_FAILED) at once.
-    /// The client sees `AUTH_PENDING` and an empty `INFO_PRE` just before its `PUSH_REPLY`;
-    /// the timeout ([`WAKE_TIMEOUT_S`], the default `hand-window`) only matters to a client
-    /// whose answer is still open, which this one's never is. A renegotiation
-    /// (`>CLIENT:REAUTH`) is not woken: the client is connected and its traffic runs the
-    /// instance anyway.
-    async fn wake(&mut self, cid: u64, kid: u64) -> std::io::Result<()> {
-        self.send(
-            &format!("client-pending-auth {cid} {kid} \"\" {WAKE_TIMEOUT_S}"),
-            Pending::Quiet("client-pending-auth (wake-up after the decision)"),
-        )
-        .await
+    /// Sends several commands in one write, so OpenVPN reads them together (it reads its
+    /// management socket 256 bytes at a time and acts on every complete line it has).
+    async fn send_all(&mut self, cmds: Vec<(String, Pending)>) -> std::io::Result<()> {
+        let mut text = String::new();
+        for (cmd, _) in &cmds {
+            text.push_str(cmd);
+            if !cmd.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        self.writer.write_all(text.as_bytes()).await?;
+        for (_, kind) in cmds {
+            self.pending.push_back((kind, Vec::new()));
+        }
+        Ok(())
     }
 
     /// Refuses a client with `client-deny`: the log reason for OpenVPN's log, the client reason
@@ -510,6 +508,32 @@ impl<'a> Conn<'a> {
         }
         Ok(())
     }
+}
+
+/// The command that follows the `client-auth` of a new connection, so that OpenVPN acts on it
+/// now and not up to a second later.
+///
+/// OpenVPN 2.6 (`management_client_auth` in multi.c) records a `client-auth` without
+/// scheduling the client's instance again. The instance next runs when a packet from the client
+/// arrives or its own timer fires: an answer that arrives before the server has finished the
+/// client's TLS handshake is acted on with the handshake's last packet; one that arrives after
+/// (the window is well under a millisecond on a fast link) waits for the instance's one-second
+/// timer or the client's first PUSH_REQUEST, so such connects took 1.0–1.2 s instead of ~20 ms.
+/// `client-pending-auth` is the only management command besides `client-kill` that reschedules
+/// the instance (`reschedule_multi_process` and `multi_schedule_context_wakeup` in
+/// `management_client_pending_auth`): right after the `client-auth`, it makes the instance run
+/// in the next event-loop round, find the decision (`tls_authentication_status`) and push the
+/// configuration at once.
+///
+/// The client sees `AUTH_PENDING,timeout 60` and an empty `INFO_PRE` just before its
+/// `PUSH_REPLY` (2.6 clients log them and carry on; the timeout, [`WAKE_TIMEOUT_S`], is the
+/// default `hand-window`). A `client-deny` is not followed by a wake-up: an OpenVPN 2.6 client
+/// reads one control message per pass of its event loop, and a refusal that beat the handshake
+/// would then reach it as the third message of one packet, read only at its next timer (a
+/// second later) instead of at once. A renegotiation (`>CLIENT:REAUTH`) is not woken either:
+/// the client is connected and its traffic runs the instance anyway.
+fn wake_command(cid: u64, kid: u64) -> String {
+    format!("client-pending-auth {cid} {kid} \"\" {WAKE_TIMEOUT_S}")
 }
 
 /// Reads one line, at most [`MAX_LINE`] bytes of it; the rest of a longer line is skipped.

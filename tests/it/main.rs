@@ -12,3 +12,4 @@ mod monitoring_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
+mod fuzz_regressions;
