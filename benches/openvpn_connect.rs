@@ -31,7 +31,12 @@
 //! Sequence Completed", read from the client's own log with microsecond timestamps
 //! (`machine-readable-output`); the harness's `wait_connected` (5 ms polling) waits for it.
 //! Sequential: one client at a time (start, wait connected, `stop_fast`). Concurrent: all N
-//! clients started at once. Every mode gets the same clients, namespaces and rounds.
+//! clients started at once. Every mode gets the same clients, namespaces and rounds. Then
+//! `--refusals K` (default 5) unregistered certificates against the modes that can refuse: time
+//! to AUTH_FAILED, and any refused device that connected all the same. Then the hook process
+//! alone (`hyperfine`). Other options: `--no-hook-bench`, `--logs DIR` (every server, pforte and
+//! sequential client log, with microsecond timestamps), `--verb N` / `--client-verb N`.
+//! Results and their reading: docs/BENCHMARKS.md.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
