@@ -263,6 +263,31 @@ impl Index {
     fn reserve(&mut self, n: usize) {
         self.0.reserve(n, |&(h, _)| h);
     }
+
+    /// Enters device `idx` under `hash` unless another device already holds the key (`holds`
+    /// says whether a device carries it); false then. Entries of `idx` itself (a key listed
+    /// twice in one row) are no conflict: that device is not in `devices` yet, so positions are
+    /// read with `get`, never indexed.
+    fn claim(
+        &mut self,
+        hash: u64,
+        idx: u32,
+        devices: &[Device],
+        holds: impl Fn(&Device) -> bool,
+    ) -> bool {
+        let entry = self.0.entry(
+            hash,
+            |&(h, i)| h == hash && devices.get(i as usize).is_some_and(&holds),
+            |&(h, _)| h,
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(_) => false,
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert((hash, idx));
+                true
+            }
+        }
+    }
 }
 
 /// A certificate fingerprint is a SHA-256 output: its first bytes are already a uniform hash.
@@ -391,90 +416,37 @@ impl Registry {
     /// registry is half-built and must be dropped (a load refuses the whole file).
     pub fn insert_device(&mut self, d: Device) -> Result<(), String> {
         let idx = u32::try_from(self.devices.len()).map_err(|_| "too many devices".to_string())?;
-        let devices = &self.devices;
-        // An entry may point at `idx`, the device being inserted (a key listed twice in one
-        // row), which is not in `devices` yet: `get`, never index.
         let h = self.hasher.hash_one(&*d.id);
-        let by_id = self.by_id.0.entry(
-            h,
-            |&(eh, i)| eh == h && devices.get(i as usize).is_some_and(|x| x.id == d.id),
-            |&(eh, _)| eh,
-        );
-        match by_id {
-            hashbrown::hash_table::Entry::Occupied(_) => {
-                return Err(format!("device id `{}` is listed twice", d.id));
-            }
-            hashbrown::hash_table::Entry::Vacant(v) => {
-                v.insert((h, idx));
+        if !self.by_id.claim(h, idx, &self.devices, |x| x.id == d.id) {
+            return Err(format!("device id `{}` is listed twice", d.id));
+        }
+        for fp in d.cert_sha256.iter() {
+            if !self.by_sha256.claim(fp_hash(fp), idx, &self.devices, |x| {
+                x.cert_sha256.contains(fp)
+            }) {
+                return Err(format!(
+                    "device `{}`: certificate fingerprint is already registered to another device",
+                    d.id
+                ));
             }
         }
-        for (n, fp) in d.cert_sha256.iter().enumerate() {
-            let h = fp_hash(fp);
-            let seen = d.cert_sha256[..n].contains(fp);
-            let entry = self.by_sha256.0.entry(
-                h,
-                |&(eh, i)| {
-                    eh == h
-                        && devices
-                            .get(i as usize)
-                            .is_some_and(|x| x.cert_sha256.contains(fp))
-                },
-                |&(eh, _)| eh,
-            );
-            match entry {
-                hashbrown::hash_table::Entry::Occupied(_) => {
-                    return Err(format!(
-                        "device `{}`: certificate fingerprint is already registered to another device",
-                        d.id
-                    ));
-                }
-                hashbrown::hash_table::Entry::Vacant(v) if !seen => {
-                    v.insert((h, idx));
-                }
-                hashbrown::hash_table::Entry::Vacant(_) => {}
-            }
-        }
-        for (n, s) in d.cert_serial.iter().enumerate() {
+        for s in d.cert_serial.iter() {
             let h = self.hasher.hash_one(&**s);
-            let seen = d.cert_serial[..n].contains(s);
-            let entry = self.by_serial.0.entry(
-                h,
-                |&(eh, i)| {
-                    eh == h
-                        && devices
-                            .get(i as usize)
-                            .is_some_and(|x| x.cert_serial.contains(s))
-                },
-                |&(eh, _)| eh,
-            );
-            match entry {
-                hashbrown::hash_table::Entry::Occupied(_) => {
-                    return Err(format!(
-                        "device `{}`: certificate serial {s} is already registered to another device",
-                        d.id
-                    ));
-                }
-                hashbrown::hash_table::Entry::Vacant(v) if !seen => {
-                    v.insert((h, idx));
-                }
-                hashbrown::hash_table::Entry::Vacant(_) => {}
+            if !self
+                .by_serial
+                .claim(h, idx, &self.devices, |x| x.cert_serial.contains(s))
+            {
+                return Err(format!(
+                    "device `{}`: certificate serial {s} is already registered to another device",
+                    d.id
+                ));
             }
         }
         for hw in d.hwaddr.iter() {
-            // A shared address (docking stations) is not an error; the first entry keeps it.
+            // A shared address (docking stations) is not an error; the first device keeps it.
             let h = self.hasher.hash_one(hw);
-            if let hashbrown::hash_table::Entry::Vacant(v) = self.by_hwaddr.0.entry(
-                h,
-                |&(eh, i)| {
-                    eh == h
-                        && devices
-                            .get(i as usize)
-                            .is_some_and(|x| x.hwaddr.contains(hw))
-                },
-                |&(eh, _)| eh,
-            ) {
-                v.insert((h, idx));
-            }
+            self.by_hwaddr
+                .claim(h, idx, &self.devices, |x| x.hwaddr.contains(hw));
         }
         self.devices.push(d);
         Ok(())
