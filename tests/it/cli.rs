@@ -15,23 +15,32 @@ fn toml_files(dir: &std::path::Path) -> Vec<PathBuf> {
     v
 }
 
+/// `pforte check-config --config FILE`, run from the repository root.
+fn check_config(f: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(f)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+fn assert_valid(f: &std::path::Path) {
+    let out = check_config(f);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        f.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn every_shipped_config_is_valid() {
     let files = toml_files(&repo().join("config"));
     assert!(!files.is_empty(), "no config files found");
     for f in files {
-        let out = Command::new(bin())
-            .args(["check-config", "--config"])
-            .arg(&f)
-            .current_dir(repo())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            f.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_valid(&f);
     }
 }
 
@@ -45,18 +54,7 @@ fn fixture_configs_valid_and_invalid() {
         "fixture folders are empty"
     );
     for f in valid {
-        let out = Command::new(bin())
-            .args(["check-config", "--config"])
-            .arg(&f)
-            .current_dir(repo())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            f.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_valid(&f);
     }
     for f in invalid {
         // Each invalid fixture says on its first line which key the error must name.
@@ -68,12 +66,7 @@ fn fixture_configs_valid_and_invalid() {
             .unwrap_or_else(|| panic!("{}: first line must be `# expect: <key>`", f.display()))
             .trim()
             .to_string();
-        let out = Command::new(bin())
-            .args(["check-config", "--config"])
-            .arg(&f)
-            .current_dir(repo())
-            .output()
-            .unwrap();
+        let out = check_config(&f);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{} was accepted", f.display());
         let name = f.file_name().unwrap().to_string_lossy().to_string();
