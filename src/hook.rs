@@ -37,6 +37,114 @@ pub struct HookOptions {
     pub deferred_child: bool,
 }
 
+/// Defaults of the hook's options, shared with the full command line in `main.rs`.
+pub const DEFAULT_SOCKET: &str = "/run/pforte/pforte.sock";
+/// Default instance name.
+pub const DEFAULT_INSTANCE: &str = "openvpn";
+/// Default time bound.
+pub const DEFAULT_TIMEOUT: &str = "2s";
+
+/// Parses a duration like `2s` or `500ms` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("`{s}` is not a duration like 2s or 500ms")),
+    }
+}
+
+/// Reads the command line of `pforte hook openvpn …` (everything after `openvpn`) the way the
+/// full parser in `main.rs` does, without building the whole command tree first: the hook runs
+/// once per VPN connect and should cost little more than its one request. `None` for anything
+/// unusual (help, an unknown or malformed option, bytes that are not UTF-8); the caller then
+/// lets the full parser answer it, errors and help included.
+pub fn fast_args(
+    args: &[std::ffi::OsString],
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<HookOptions> {
+    let var = |k: &str| env(k).filter(|v| !v.is_empty());
+    let mut socket: Option<String> = None;
+    let mut zone: Option<String> = None;
+    let mut instance: Option<String> = None;
+    let mut timeout: Option<String> = None;
+    let (mut fail_open, mut deferred, mut deferred_child) = (false, false, false);
+    let mut rest: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let arg = arg.to_str()?;
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg, None),
+        };
+        let slot = match name {
+            "--socket" => &mut socket,
+            "--zone" => &mut zone,
+            "--instance" => &mut instance,
+            "--timeout" => &mut timeout,
+            "--fail-open" | "--deferred" | "--deferred-child" if inline.is_none() => {
+                match name {
+                    "--fail-open" => fail_open = true,
+                    "--deferred" => deferred = true,
+                    _ => deferred_child = true,
+                }
+                continue;
+            }
+            "--" => {
+                for a in it.by_ref() {
+                    rest.push(a.to_str()?.to_string());
+                }
+                break;
+            }
+            _ if arg.starts_with('-') => return None,
+            _ => {
+                // The first positional starts the arguments OpenVPN appends; all after it
+                // are taken as they are.
+                rest.push(arg.to_string());
+                for a in it.by_ref() {
+                    rest.push(a.to_str()?.to_string());
+                }
+                break;
+            }
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(match inline {
+            Some(v) => v,
+            None => it.next()?.to_str()?.to_string(),
+        });
+    }
+    let timeout = timeout
+        .or_else(|| var("PFORTE_TIMEOUT"))
+        .unwrap_or_else(|| DEFAULT_TIMEOUT.into());
+    Some(HookOptions {
+        socket: PathBuf::from(
+            socket
+                .or_else(|| var("PFORTE_SOCKET"))
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+        ),
+        settings: HookSettings {
+            instance: instance
+                .or_else(|| var("PFORTE_INSTANCE"))
+                .unwrap_or_else(|| DEFAULT_INSTANCE.into()),
+            zone: zone.or_else(|| var("PFORTE_ZONE")).unwrap_or_default(),
+        },
+        timeout: parse_duration(&timeout).ok()?,
+        fail_open,
+        args: rest,
+        deferred,
+        deferred_child,
+    })
+}
+
 /// The process environment as text (odd bytes replaced; the policy refuses control bytes).
 pub fn environment() -> HashMap<String, String> {
     std::env::vars_os()
@@ -136,12 +244,31 @@ fn client_connect(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
         .cloned()
         .or_else(|| env.get("client_connect_config_file").cloned());
     if let Some(path) = target
-        && let Err(e) = std::fs::write(Path::new(&path), text)
+        && let Err(e) = write_config(Path::new(&path), &text)
     {
         eprintln!("pforte hook: cannot write {path}: {e}; refusing");
         return REFUSE;
     }
     ACCEPT
+}
+
+/// Writes the dynamic config file OpenVPN handed over (it made the file, empty). Written over
+/// and cut to length only if it was longer, rather than opened with `O_TRUNC`: truncating a
+/// file with data to zero makes ext4 (`auto_da_alloc`) flush it on close, a disk write inside
+/// OpenVPN's event loop.
+fn write_config(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let before = f.metadata()?.len();
+    f.write_all(text.as_bytes())?;
+    if before > text.len() as u64 {
+        f.set_len(text.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// Deferred client-connect (OpenVPN 2.5+): write `2` into the deferred file, start a detached
@@ -237,7 +364,7 @@ fn deferred_child(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
     let answer = ask(opts, env);
     wait_until_openvpn_has_read(env, opts.timeout);
     let verdict = match answer {
-        Verdict::Allow(text) => match std::fs::write(config, text) {
+        Verdict::Allow(text) => match write_config(Path::new(config), &text) {
             Ok(()) => "1",
             Err(e) => {
                 eprintln!("pforte hook: cannot write {config}: {e}; refusing");
@@ -308,5 +435,62 @@ fn tls_verify(opts: &HookOptions, env: &HashMap<String, String>) -> i32 {
             REFUSE
         }
         Err(e) => daemon_down(opts, env, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_args_take_flags_over_environment_over_defaults() {
+        let words =
+            |s: &str| -> Vec<std::ffi::OsString> { s.split_whitespace().map(Into::into).collect() };
+        let env = |k: &str| match k {
+            "PFORTE_SOCKET" => Some("/env.sock".to_string()),
+            "PFORTE_ZONE" => Some("env-zone".to_string()),
+            "PFORTE_TIMEOUT" => Some("750ms".to_string()),
+            "PFORTE_INSTANCE" => Some(String::new()), // empty: as if unset
+            _ => None,
+        };
+        let o = fast_args(&words("--zone flag-zone /tmp/cc"), env).unwrap();
+        assert_eq!(o.socket, PathBuf::from("/env.sock"));
+        assert_eq!(o.settings.zone, "flag-zone");
+        assert_eq!(o.settings.instance, DEFAULT_INSTANCE);
+        assert_eq!(o.timeout, Duration::from_millis(750));
+        assert_eq!(o.args, vec!["/tmp/cc".to_string()]);
+        let o = fast_args(&words("/tmp/cc"), |_| None).unwrap();
+        assert_eq!(o.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(o.timeout, Duration::from_secs(2));
+        assert!(!o.fail_open && !o.deferred && !o.deferred_child);
+        // A malformed time bound from the environment is not silently replaced by the default.
+        assert!(
+            fast_args(&words("/tmp/cc"), |k| (k == "PFORTE_TIMEOUT")
+                .then(|| "soon".into()))
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn write_config_leaves_exactly_the_new_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "ifconfig-push 10.0.0.2 255.255.255.0\n";
+        // OpenVPN's case: the file exists and is empty.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").unwrap();
+        write_config(&empty, text).unwrap();
+        assert_eq!(std::fs::read_to_string(&empty).unwrap(), text);
+        // A longer file left over (a reused name): nothing of it may remain.
+        let longer = dir.path().join("longer");
+        std::fs::write(&longer, "x".repeat(500)).unwrap();
+        write_config(&longer, text).unwrap();
+        assert_eq!(std::fs::read_to_string(&longer).unwrap(), text);
+        // An allow without anything to push empties it.
+        write_config(&longer, "").unwrap();
+        assert_eq!(std::fs::read_to_string(&longer).unwrap(), "");
+        // A file that does not exist yet is made.
+        let fresh = dir.path().join("fresh");
+        write_config(&fresh, text).unwrap();
+        assert_eq!(std::fs::read_to_string(&fresh).unwrap(), text);
     }
 }

@@ -67,16 +67,16 @@ enum HookKind {
     /// OpenVPN tls-verify / client-connect / client-disconnect script.
     Openvpn {
         /// The daemon's Unix socket.
-        #[arg(long, env = "PFORTE_SOCKET", default_value = "/run/pforte/pforte.sock")]
+        #[arg(long, env = "PFORTE_SOCKET", default_value = hook::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Zone of this OpenVPN instance.
         #[arg(long, env = "PFORTE_ZONE", default_value = "")]
         zone: String,
         /// Name of this OpenVPN instance.
-        #[arg(long, env = "PFORTE_INSTANCE", default_value = "openvpn")]
+        #[arg(long, env = "PFORTE_INSTANCE", default_value = hook::DEFAULT_INSTANCE)]
         instance: String,
         /// Time allowed for the daemon's answer, e.g. 2s or 500ms.
-        #[arg(long, env = "PFORTE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+        #[arg(long, env = "PFORTE_TIMEOUT", default_value = hook::DEFAULT_TIMEOUT, value_parser = hook::parse_duration)]
         timeout: Duration,
         /// Admit when the daemon cannot be asked (dangerous; the default refuses).
         #[arg(long)]
@@ -94,19 +94,25 @@ enum HookKind {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 2s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("`{s}` is not a duration like 2s or 500ms")),
+fn hook_options(vpn: HookKind) -> hook::HookOptions {
+    let HookKind::Openvpn {
+        socket,
+        zone,
+        instance,
+        timeout,
+        fail_open,
+        deferred,
+        deferred_child,
+        args,
+    } = vpn;
+    hook::HookOptions {
+        socket,
+        settings: HookSettings { instance, zone },
+        timeout,
+        fail_open,
+        args,
+        deferred,
+        deferred_child,
     }
 }
 
@@ -121,29 +127,19 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    // The hook runs once per VPN connect: its usual command lines are read without building
+    // the whole command tree; anything else (help, errors) goes through clap below.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "hook")
+        && argv.get(2).is_some_and(|a| a == "openvpn")
+        && let Some(opts) = hook::fast_args(&argv[3..], |k| std::env::var(k).ok())
+    {
+        return ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Hook { vpn } => {
-            let HookKind::Openvpn {
-                socket,
-                zone,
-                instance,
-                timeout,
-                fail_open,
-                deferred,
-                deferred_child,
-                args,
-            } = vpn;
-            let opts = hook::HookOptions {
-                socket,
-                settings: HookSettings { instance, zone },
-                timeout,
-                fail_open,
-                args,
-                deferred,
-                deferred_child,
-            };
-            ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8)
+            ExitCode::from(hook::run_openvpn(&hook_options(vpn), &hook::environment()) as u8)
         }
         Command::Check {
             config,
@@ -228,4 +224,57 @@ fn serve_main(path: &std::path::Path) -> anyhow::Result<()> {
         serve::run(config, listeners, control).await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hook's fast reader and clap agree on every command line the fast one accepts, and
+    /// leave the rest to clap. (No PFORTE_* variables here: clap would read them.)
+    #[test]
+    fn fast_hook_args_agree_with_clap() {
+        let lines = [
+            "",
+            "/tmp/cc.conf",
+            "--zone office /tmp/cc.conf",
+            "--zone=office --instance ovpn-a --socket /run/x.sock /tmp/cc.conf",
+            "--timeout 500ms --fail-open 0 CN=alice,O=City",
+            "--deferred --timeout=10s /tmp/cc.conf",
+            "--deferred-child --socket /s --zone z --instance i --timeout 2000ms",
+            "--zone office -- /tmp/-odd-name",
+            "/tmp/cc.conf --zone looks-like-a-flag",
+            "--zone office --zone home /tmp/cc.conf",
+            "--help",
+            "--timeout soon /tmp/cc.conf",
+            "--bogus /tmp/cc.conf",
+            "--zone",
+            "--fail-open=yes",
+        ];
+        for line in lines {
+            let words: Vec<std::ffi::OsString> = line.split_whitespace().map(Into::into).collect();
+            let fast = hook::fast_args(&words, |_| None);
+            let mut argv: Vec<std::ffi::OsString> =
+                vec!["pforte".into(), "hook".into(), "openvpn".into()];
+            argv.extend(words.iter().cloned());
+            let full = Cli::try_parse_from(&argv)
+                .ok()
+                .and_then(|c| match c.command {
+                    Command::Hook { vpn } => Some(hook_options(vpn)),
+                    _ => None,
+                });
+            match (fast, full) {
+                (Some(f), Some(c)) => assert_eq!(format!("{f:?}"), format!("{c:?}"), "{line}"),
+                (Some(f), None) => {
+                    panic!("`{line}`: fast reader accepted what clap refuses: {f:?}")
+                }
+                (None, _) => {} // clap answers it
+            }
+        }
+        // The usual lines do take the fast way.
+        for line in ["/tmp/cc.conf", "--zone office /tmp/cc.conf", "0 CN=x"] {
+            let words: Vec<std::ffi::OsString> = line.split_whitespace().map(Into::into).collect();
+            assert!(hook::fast_args(&words, |_| None).is_some(), "{line}");
+        }
+    }
 }
