@@ -2,7 +2,7 @@
 //! registry and drives it over its Unix socket with the project's own client.
 //!
 //! ```sh
-//! cargo bench --bench storm -- pairs  --devices 10000 --pairs 200000 --concurrency 32
+//! cargo bench --bench storm -- pairs  --devices 10000 --pairs 200000 --concurrency 32 [--client lean|hyper|both]
 //! cargo bench --bench storm -- steady --devices 10000 --rate 1000 --seconds 10
 //! cargo bench --bench storm -- storm  --devices 1000000 --connects 100000 --concurrency 64
 //! cargo bench --bench storm -- scrape --sessions 100 --sessions-large 100000
@@ -35,7 +35,13 @@ struct Cli {
     /// `synchronous` of the session store: full or normal.
     #[arg(long, global = true, default_value = "normal")]
     synchronous: String,
+    /// Another pforte binary to measure (default: this build's).
+    #[arg(long, global = true)]
+    pforte_bin: Option<PathBuf>,
 }
+
+/// The daemon binary under test.
+static PFORTE_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Mode {
@@ -47,6 +53,12 @@ enum Mode {
         pairs: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Load generator: `lean` (a minimal HTTP/1.1 keep-alive client, so that the
+        /// generator, which shares the machine's cores with the daemon, takes as little of
+        /// them as it can), `hyper` (pforte's own client), or `both` (one after the other,
+        /// each on a fresh daemon).
+        #[arg(long, default_value = "lean")]
+        client: String,
     },
     /// A steady rate of connects (each followed by its disconnect): latency percentiles.
     Steady {
@@ -178,14 +190,15 @@ routes = ["10.1.0.0/16"]
 
     fn start(&mut self) -> Duration {
         let started = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_pforte"))
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("pforte.toml"))
-            .env("PFORTE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let child =
+            Command::new(PFORTE_BIN.get_or_init(|| PathBuf::from(env!("CARGO_BIN_EXE_pforte"))))
+                .args(["serve", "--config"])
+                .arg(self.dir.path().join("pforte.toml"))
+                .env("PFORTE_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -234,6 +247,44 @@ routes = ["10.1.0.0/16"]
             .and_then(|kb| kb.parse::<f64>().ok())
             .map(|kb| kb / 1024.0)
             .unwrap_or(0.0)
+    }
+
+    /// CPU seconds used so far: (the daemon, this load generator).
+    fn cpu(&self) -> (f64, f64) {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let daemon =
+            (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks;
+        let me = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+            .map(|u| {
+                let t =
+                    |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+                t(u.user_time()) + t(u.system_time())
+            })
+            .unwrap_or(0.0);
+        (daemon, me)
+    }
+
+    /// A metric's value from `/metrics` (exact name with labels).
+    fn metric(&self, name: &str) -> Option<f64> {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn scrape(&self) -> (Duration, usize) {
@@ -344,8 +395,189 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
+fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize, client: &str) {
+    match client {
+        "hyper" => pairs_hyper(cli, devices, pairs, concurrency),
+        "lean" => pairs_lean(cli, devices, pairs, concurrency),
+        "both" => {
+            pairs_lean(cli, devices, pairs, concurrency);
+            pairs_hyper(cli, devices, pairs, concurrency);
+        }
+        other => panic!("--client {other}: lean, hyper or both"),
+    }
+}
+
+/// The device index of the `n`-th pair: good devices only (7..=99 of every hundred), so every
+/// pair is a real admission and a real end, each good device once per cycle, so that two pairs
+/// in flight never share a device (a client would have to lag a whole cycle behind).
+fn pair_device(n: usize, devices: usize) -> usize {
+    let good = (devices / 100 * 93).max(1);
+    let k = n % good;
+    (k / 93 * 100 + 7 + k % 93) % devices.max(1)
+}
+
+/// A minimal HTTP/1.1 client on one keep-alive connection, for load generation only: one
+/// write per request, the answer read by its `content-length`. It asserts what the daemon must
+/// hold to (HTTP/1.1, a status, a content-length, no chunking) and gives up on anything else.
+struct LeanClient {
+    stream: tokio::net::UnixStream,
+    buf: Vec<u8>,
+    req: Vec<u8>,
+}
+
+impl LeanClient {
+    async fn connect(path: &Path) -> LeanClient {
+        LeanClient {
+            stream: tokio::net::UnixStream::connect(path).await.unwrap(),
+            buf: Vec::with_capacity(4096),
+            req: Vec::with_capacity(1024),
+        }
+    }
+
+    /// `POST path` with a JSON body; the status and the body.
+    async fn post(
+        &mut self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> std::io::Result<(u16, &[u8])> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let json = serde_json::to_vec(body).map_err(std::io::Error::other)?;
+        self.req.clear();
+        write!(
+            self.req,
+            "POST {path} HTTP/1.1\r\nhost: pforte\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            json.len()
+        )?;
+        self.req.extend_from_slice(&json);
+        self.stream.write_all(&self.req).await?;
+        self.buf.clear();
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head =
+                    std::str::from_utf8(&self.buf[..end]).map_err(|_| bad("head not UTF-8"))?;
+                let mut lines = head.split("\r\n");
+                let status: u16 = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+                    .and_then(|l| l.get(..3))
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| bad("no status line"))?;
+                let mut len = None;
+                for l in lines {
+                    let (k, v) = l.split_once(':').ok_or_else(|| bad("bad header"))?;
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse::<usize>().ok();
+                    } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                        return Err(bad("chunked answer"));
+                    }
+                }
+                let len = len.ok_or_else(|| bad("no content-length"))?;
+                let start = end + 4;
+                while self.buf.len() < start + len {
+                    let mut chunk = [0u8; 4096];
+                    let n = self.stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Err(bad("closed mid-body"));
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                return Ok((status, &self.buf[start..start + len]));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(bad("closed before the answer"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn pairs_lean(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
     let b = Bench::new(devices, devices + 10, &cli.synchronous);
+    let cpu_before = b.cpu();
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let lat = runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let socket = b.socket();
+            let next = next.clone();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = LeanClient::connect(&socket).await;
+                let mut lat = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= pairs {
+                        return lat;
+                    }
+                    let i = pair_device(n, devices);
+                    let t = Instant::now();
+                    match c.post("/v1/connect", &request(i)).await {
+                        Ok((200, body)) if body.starts_with(b"{\"decision\":\"allow\"") => {}
+                        other => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!(
+                                    "connect of device {i}: {:?}",
+                                    other
+                                        .map(|(s, b)| (s, String::from_utf8_lossy(b).into_owned()))
+                                );
+                            }
+                        }
+                    }
+                    lat.push(t.elapsed().as_micros() as u32);
+                    match c.post("/v1/disconnect", &disconnect(i)).await {
+                        Ok((200, body)) if body.windows(7).any(|w| w == b"\"ended\"") => {}
+                        other => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!(
+                                    "disconnect of device {i}: {:?}",
+                                    other
+                                        .map(|(s, b)| (s, String::from_utf8_lossy(b).into_owned()))
+                                );
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let mut all = Latencies::default();
+        for t in tasks {
+            all.0.extend(t.await.unwrap());
+        }
+        all
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_after = b.cpu();
+    let cpu_line = format!(
+        "CPU: daemon {:.2} cores, load generator {:.2} cores",
+        (cpu_after.0 - cpu_before.0) / secs,
+        (cpu_after.1 - cpu_before.1) / secs
+    );
+    let mut lat = lat;
+    println!(
+        "pairs (lean client): {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB; {}",
+        cli.synchronous,
+        secs,
+        pairs as f64 / secs,
+        2.0 * pairs as f64 / secs,
+        lat.pct(0.5),
+        lat.pct(0.99),
+        errors.load(Ordering::Relaxed),
+        b.rss_mb(),
+        cpu_line
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "requests failed");
+    assert_eq!(b.metric("pforte_seats_used"), Some(0.0), "seats leaked");
+}
+
+fn pairs_hyper(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
+    let b = Bench::new(devices, devices + 10, &cli.synchronous);
+    let cpu_before = b.cpu();
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -363,9 +595,7 @@ fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
                     if n >= pairs {
                         return lat;
                     }
-                    // Good devices only, so every pair is a real admission and a real end.
-                    let i = (n % devices) / 100 * 100 + 7 + (n % 93);
-                    let i = i % devices;
+                    let i = pair_device(n, devices);
                     let t = Instant::now();
                     match c.connect_request(&request(i)).await {
                         Ok((200, _)) => {}
@@ -387,9 +617,10 @@ fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
         all
     });
     let secs = started.elapsed().as_secs_f64();
+    let cpu_after = b.cpu();
     let mut lat = lat;
     println!(
-        "pairs: {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB",
+        "pairs (hyper client): {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB; CPU: daemon {:.2} cores, load generator {:.2} cores",
         cli.synchronous,
         secs,
         pairs as f64 / secs,
@@ -397,7 +628,9 @@ fn pairs(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
         lat.pct(0.5),
         lat.pct(0.99),
         errors.load(Ordering::Relaxed),
-        b.rss_mb()
+        b.rss_mb(),
+        (cpu_after.0 - cpu_before.0) / secs,
+        (cpu_after.1 - cpu_before.1) / secs
     );
 }
 
@@ -808,12 +1041,21 @@ fn soak(cli: &Cli, seconds: u64, devices: usize, concurrency: usize) {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(bin) = &cli.pforte_bin {
+        assert!(
+            bin.is_file(),
+            "--pforte-bin {}: no such file",
+            bin.display()
+        );
+        let _ = PFORTE_BIN.set(bin.clone());
+    }
     match cli.mode {
         Mode::Pairs {
             devices,
             pairs: n,
             concurrency,
-        } => pairs(&cli, devices, n, concurrency),
+            ref client,
+        } => pairs(&cli, devices, n, concurrency, client),
         Mode::Steady {
             devices,
             rate,

@@ -9,6 +9,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use pforte::{check, config, hook, serve, vpn::openvpn::HookSettings};
 
+/// mimalloc instead of glibc's malloc: the daemon allocates a request's state on a tokio worker
+/// and frees much of it on the store thread; glibc serialises such cross-thread frees on its
+/// arena locks (docs/BENCHMARKS.md, "Pairs").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pforte",
