@@ -233,6 +233,14 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
     r
 }
 
+/// `{"result": …, "session": {…}}`, serialised straight from the session (no JSON value tree in
+/// between: this is the answer to every disconnect).
+#[derive(Serialize)]
+struct SessionResult<'a, S: Serialize> {
+    result: &'static str,
+    session: &'a S,
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     json_response(status, &json!({ "error": message.into() }))
 }
@@ -396,9 +404,13 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                 Err(m) => return error(StatusCode::BAD_REQUEST, m),
             };
             match api.app.disconnect(&dreq).await {
-                Ok(Some(s)) => {
-                    json_response(StatusCode::OK, &json!({"result": "ended", "session": s}))
-                }
+                Ok(Some(s)) => json_response(
+                    StatusCode::OK,
+                    &SessionResult {
+                        result: "ended",
+                        session: &s,
+                    },
+                ),
                 Ok(None) => json_response(
                     StatusCode::OK,
                     &json!({"result": "unknown", "message": "no live session matches; nothing to free"}),
@@ -423,9 +435,13 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                 .kill(&Selector::Id(id.to_string()), "killed by operator")
                 .await
             {
-                Some(s) => {
-                    json_response(StatusCode::OK, &json!({"result": "killed", "session": s}))
-                }
+                Some(s) => json_response(
+                    StatusCode::OK,
+                    &SessionResult {
+                        result: "killed",
+                        session: &s,
+                    },
+                ),
                 None => error(StatusCode::NOT_FOUND, format!("no live session {id}")),
             }
         }
