@@ -529,6 +529,42 @@ pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, String> {
 
 /// Parses a disconnect body; byte counts may be numbers or digit strings.
 pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
+    // The common case (strings, numeric counts) in one pass, as for connects; anything else
+    // (counts as digit strings, a wrong type) through the field-by-field path below.
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        session_id: Option<String>,
+        vpn: Option<String>,
+        instance: Option<String>,
+        session_key: Option<String>,
+        bytes_received: Option<u64>,
+        bytes_sent: Option<u64>,
+    }
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if is_object && let Ok(w) = serde_json::from_slice::<Wire>(body) {
+        let fields = [&w.session_id, &w.vpn, &w.instance, &w.session_key];
+        if fields.iter().all(|f| {
+            f.as_ref()
+                .is_none_or(|s| s.len() <= crate::policy::MAX_FIELD_LEN)
+        }) {
+            let d = DisconnectRequest {
+                session_id: w.session_id.unwrap_or_default(),
+                vpn: w.vpn.unwrap_or_default(),
+                instance: w.instance.unwrap_or_default(),
+                session_key: w.session_key.unwrap_or_default(),
+                bytes_received: w.bytes_received,
+                bytes_sent: w.bytes_sent,
+            };
+            d.selector()?;
+            return Ok(d);
+        }
+    }
+    parse_disconnect_fields(body)
+}
+
+/// The field-by-field reading of a disconnect body: counts may be digit strings, and an error
+/// names the field.
+fn parse_disconnect_fields(body: &[u8]) -> Result<DisconnectRequest, String> {
     let obj = json_object(body)?;
     let text = |k: &str| -> Result<String, String> {
         match obj.get(k) {
@@ -595,6 +631,32 @@ mod tests {
                 .unwrap_err()
                 .contains("bytes_sent")
         );
+    }
+
+    /// The one-pass reading of a disconnect gives what the field-by-field reading gives.
+    #[test]
+    fn disconnect_fast_path_agrees_with_the_field_by_field_path() {
+        let long = "k".repeat(crate::policy::MAX_FIELD_LEN + 1);
+        let bodies = [
+            r#"{"vpn":"openvpn","instance":"a","session_key":"1.2.3.4:5@6","bytes_received":1,"bytes_sent":2}"#.to_string(),
+            r#"{"session_id":"s-1"}"#.to_string(),
+            r#"{"session_id":"s-1","bytes_sent":null,"extra":[1,2]}"#.to_string(),
+            r#"{"session_id":"s-1","bytes_sent":"7"}"#.to_string(),
+            r#"{"session_id":"s-1","bytes_sent":-7}"#.to_string(),
+            r#"{"session_id":"s-1","bytes_sent":1.5}"#.to_string(),
+            r#"{"session_id":5}"#.to_string(),
+            r#"{"bytes_sent":3}"#.to_string(),
+            r#"["s-1"]"#.to_string(),
+            r#"{"session_id":"a","session_id":"b"}"#.to_string(),
+            format!(r#"{{"session_id":"{long}"}}"#),
+            format!(r#"{{"vpn":"openvpn","instance":"a","session_key":"{long}"}}"#),
+            " {\"session_id\":\"s-2\"} ".to_string(),
+        ];
+        for b in &bodies {
+            let fast = parse_disconnect(b.as_bytes());
+            let fields = parse_disconnect_fields(b.as_bytes());
+            assert_eq!(format!("{fast:?}"), format!("{fields:?}"), "{b}");
+        }
     }
 
     #[test]
