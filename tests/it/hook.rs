@@ -217,3 +217,98 @@ fn slow_daemon_is_refused_after_the_timeout() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no answer within"));
     holder.join().unwrap();
 }
+
+/// `--deferred` as OpenVPN 2.6 drives it: the hook writes `2` and exits; OpenVPN reads the file
+/// right after the exit and takes anything but `2` there as success, so a refusal must not be
+/// written before that read. An allow may be written at once.
+#[test]
+fn deferred_refusal_waits_for_openvpns_first_read_and_an_allow_does_not() {
+    let good = Dev::good("D-DF1", "alice");
+    let private = Dev {
+        ownership: "private",
+        ..Dev::good("D-DF2", "alice")
+    };
+    let f = Fixture::new(Setup::default(), &[good.clone(), private.clone()]);
+    let d = f.start();
+    let run_deferred = |dev: &Dev, port: u16, tag: &str| {
+        let deferred = f.path(&format!("deferred-{tag}"));
+        let config = f.path(&format!("cc-{tag}"));
+        // OpenVPN makes both files, empty, before it runs the script.
+        std::fs::write(&deferred, "").unwrap();
+        std::fs::write(&config, "").unwrap();
+        let mut env = ovpn_env(dev, "alice", port, "client-connect");
+        env.push((
+            "client_connect_deferred_file".into(),
+            deferred.display().to_string(),
+        ));
+        env.push((
+            "client_connect_config_file".into(),
+            config.display().to_string(),
+        ));
+        let log = std::fs::File::create(f.path(&format!("stderr-{tag}"))).unwrap();
+        let started = Instant::now();
+        let status = Command::new(bin())
+            .args([
+                "hook",
+                "openvpn",
+                "--deferred",
+                "--timeout",
+                "10s",
+                "--socket",
+            ])
+            .arg(&d.socket)
+            .arg(&config)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "deferred hook exit");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the deferred hook waited {:?}",
+            started.elapsed()
+        );
+        (deferred, config)
+    };
+    let until = |path: &std::path::Path, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = std::fs::read_to_string(path).unwrap_or_default();
+            if now == want || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    // Refused: long after the daemon has answered, the file still says `2` at OpenVPN's first
+    // read; the `0` follows that read.
+    let (deferred, _) = run_deferred(&private, 41001, "refused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read_to_string(&deferred).unwrap(),
+        "2",
+        "a refusal was written before OpenVPN's first read: {}",
+        std::fs::read_to_string(f.path("stderr-refused")).unwrap_or_default()
+    );
+    assert_eq!(until(&deferred, "0"), "0");
+    assert!(
+        std::fs::read_to_string(f.path("stderr-refused"))
+            .unwrap()
+            .contains("private_device")
+    );
+
+    // Allowed: the config file and then `1`, without waiting for any read.
+    let (deferred, config) = run_deferred(&good, 41002, "allowed");
+    assert_eq!(until(&deferred, "1"), "1");
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .starts_with("ifconfig-push "),
+        "config file: {:?}",
+        std::fs::read_to_string(&config)
+    );
+    assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+}
