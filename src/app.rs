@@ -12,7 +12,7 @@ use crate::audit::{Audit, AuditRecord};
 use crate::metrics::Metrics;
 use crate::policy::{self, ConnectRequest, Denial, Reason};
 use crate::registry::Status;
-use crate::sessions::{Selector, Session, Sessions};
+use crate::sessions::{Selector, Session, Sessions, Unpersisted};
 use crate::state::{LoadError, State, unix_now};
 
 /// Address configuration pushed to an allowed client.
@@ -108,6 +108,28 @@ impl DisconnectRequest {
     }
 }
 
+/// A connect decided up to its commit.
+enum Decided {
+    /// Refused (and recorded).
+    Done(ConnectResponse),
+    /// Allowed and holding its seat; the commit and the record are the caller's.
+    Admitted(Box<Admitted>),
+}
+
+struct Admitted {
+    response: ConnectResponse,
+    admitted: Unpersisted,
+    req: ConnectRequest,
+    started: Instant,
+}
+
+/// An allow answered before its commit (see [`App::connect_answer_first`]).
+#[derive(Debug)]
+pub struct PendingCommit {
+    admitted: Unpersisted,
+    req: ConnectRequest,
+}
+
 /// The daemon's shared parts.
 pub struct App {
     /// Rules and registry.
@@ -138,8 +160,75 @@ impl App {
         })
     }
 
-    /// Decides a connect, registers the session on allow, records metrics and audit.
-    pub async fn connect(&self, mut req: ConnectRequest) -> ConnectResponse {
+    /// Decides a connect, registers and commits the session on allow, records metrics and
+    /// audit. Answered only after the commit: a crash loses nothing acknowledged.
+    pub async fn connect(&self, req: ConnectRequest) -> ConnectResponse {
+        match self.decide_connect(req) {
+            Decided::Done(resp) => resp,
+            Decided::Admitted(a) => {
+                let Admitted {
+                    response,
+                    admitted,
+                    req,
+                    started,
+                } = *a;
+                let (response, session) = match self.sessions.persist(admitted).await {
+                    Ok(session) => (response, Some(session)),
+                    Err(d) => (ConnectResponse::deny(&d), None),
+                };
+                self.record_decision(&req, &response, session.as_ref());
+                self.metrics
+                    .decision_duration
+                    .observe(started.elapsed().as_secs_f64());
+                response
+            }
+        }
+    }
+
+    /// As [`App::connect`], but an allow is answered before its commit, which the caller
+    /// then awaits with [`App::persist`]. For the management interface only: a session lost
+    /// in a crash between answer and commit is one OpenVPN has and pforte does not, which
+    /// reconciliation adopts (or ends) at the next start. If the commit fails with fail mode
+    /// closed, the caller must end the client it admitted.
+    pub fn connect_answer_first(
+        &self,
+        req: ConnectRequest,
+    ) -> (ConnectResponse, Option<PendingCommit>) {
+        match self.decide_connect(req) {
+            Decided::Done(resp) => (resp, None),
+            Decided::Admitted(a) => {
+                let Admitted {
+                    response,
+                    admitted,
+                    req,
+                    started,
+                } = *a;
+                self.record_decision(&req, &response, Some(&admitted.session));
+                self.metrics
+                    .decision_duration
+                    .observe(started.elapsed().as_secs_f64());
+                (response, Some(PendingCommit { admitted, req }))
+            }
+        }
+    }
+
+    /// Commits a session admitted by [`App::connect_answer_first`]; `false` if the store
+    /// refused it (fail mode closed): it is out of the table again, and counted and audited
+    /// as a refusal (`store_unavailable`) after its allow.
+    pub async fn persist(&self, pending: PendingCommit) -> bool {
+        let PendingCommit { admitted, req } = pending;
+        match self.sessions.persist(admitted).await {
+            Ok(_) => true,
+            Err(d) => {
+                self.record_decision(&req, &ConnectResponse::deny(&d), None);
+                false
+            }
+        }
+    }
+
+    /// The decision up to the commit. A refusal is recorded here; an allow is left to the
+    /// caller, who records it around the commit.
+    fn decide_connect(&self, mut req: ConnectRequest) -> Decided {
         let started = Instant::now();
         let snap = self.state.current();
         if req.zone.is_empty()
@@ -148,16 +237,13 @@ impl App {
             req.zone = zone.clone();
         }
         let today = chrono::Utc::now().date_naive();
-        let outcome = match policy::evaluate(&req, &snap.rules, &snap.registry, today) {
-            Ok(adm) => match self
-                .sessions
-                .admit(&adm, &req, &snap.rules.capacity, unix_now(), |s| {
+        let outcome = policy::evaluate(&req, &snap.rules, &snap.registry, today).and_then(|adm| {
+            self.sessions
+                .admit_unpersisted(&adm, &req, &snap.rules.capacity, unix_now(), |s| {
                     self.audit_line(&AuditRecord::allow(&req, s))
                 })
-                .await
-            {
-                Ok(s) => Ok((adm, s)),
-                Err(d) => {
+                .map(|admitted| (adm.clone(), admitted))
+                .inspect_err(|d| {
                     if matches!(
                         d.reason,
                         Reason::CapacityFull | Reason::OrgUnitQuota | Reason::UserSessionLimit
@@ -167,32 +253,40 @@ impl App {
                             .with_label_values(&[&adm.org_unit, d.reason.as_str()])
                             .inc();
                     }
-                    Err(d)
-                }
-            },
-            Err(d) => Err(d),
-        };
-        let response = match &outcome {
-            Ok((adm, session)) => ConnectResponse {
-                decision: "allow".into(),
-                reason: None,
-                message: format!(
-                    "Device {} admitted to zone {} for user {}.",
-                    adm.device_id, adm.zone, adm.username
-                ),
-                session_id: Some(session.id.clone()),
-                push: Some(Push {
-                    ifconfig: ifconfig(session, adm.pool),
-                    routes: adm.routes.clone(),
-                }),
-            },
-            Err(d) => ConnectResponse::deny(d),
-        };
-        self.record_decision(&req, &response, outcome.as_ref().ok().map(|(_, s)| s));
-        self.metrics
-            .decision_duration
-            .observe(started.elapsed().as_secs_f64());
-        response
+                })
+        });
+        match outcome {
+            Ok((adm, admitted)) => {
+                let session = &admitted.session;
+                let response = ConnectResponse {
+                    decision: "allow".into(),
+                    reason: None,
+                    message: format!(
+                        "Device {} admitted to zone {} for user {}.",
+                        adm.device_id, adm.zone, adm.username
+                    ),
+                    session_id: Some(session.id.clone()),
+                    push: Some(Push {
+                        ifconfig: ifconfig(session, adm.pool),
+                        routes: adm.routes.clone(),
+                    }),
+                };
+                Decided::Admitted(Box::new(Admitted {
+                    response,
+                    admitted,
+                    req,
+                    started,
+                }))
+            }
+            Err(d) => {
+                let response = ConnectResponse::deny(&d);
+                self.record_decision(&req, &response, None);
+                self.metrics
+                    .decision_duration
+                    .observe(started.elapsed().as_secs_f64());
+                Decided::Done(response)
+            }
+        }
     }
 
     /// The device checks alone, for OpenVPN's tls-verify phase (no hardware address yet, no

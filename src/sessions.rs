@@ -185,6 +185,15 @@ impl SessionIds {
     }
 }
 
+/// A session admitted to the table and not yet committed (see
+/// [`Sessions::admit_unpersisted`]).
+#[derive(Debug)]
+pub struct Unpersisted {
+    /// The session.
+    pub session: Session,
+    line: Option<Vec<u8>>,
+}
+
 impl Sessions {
     /// An empty table over a store.
     pub fn new(store: StoreHandle, metrics: Metrics, fail_mode: FailMode) -> Arc<Sessions> {
@@ -304,6 +313,21 @@ impl Sessions {
         now_unix: i64,
         audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Result<Session, Denial> {
+        let admitted = self.admit_unpersisted(adm, req, capacity, now_unix, audit_line)?;
+        self.persist(admitted).await
+    }
+
+    /// [`Sessions::admit`] up to, not including, the commit: the session holds its seat in
+    /// the table; [`Sessions::persist`] must follow. For callers that may answer before the
+    /// commit (see `App::connect_answer_first`).
+    pub fn admit_unpersisted(
+        &self,
+        adm: &Admission,
+        req: &ConnectRequest,
+        capacity: &Capacity,
+        now_unix: i64,
+        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
+    ) -> Result<Unpersisted, Denial> {
         let (session, replaced) = {
             let mut t = self.lock();
             let replaced = if req.session_key.is_empty() {
@@ -364,6 +388,13 @@ impl Sessions {
             self.store.queue(StoreOp::Delete(old.id), None);
         }
         let line = audit_line(&session);
+        Ok(Unpersisted { session, line })
+    }
+
+    /// Commits an admitted session (with its audit line). If the store fails and the fail
+    /// mode is closed, the session is taken out of the table again and refused.
+    pub async fn persist(&self, admitted: Unpersisted) -> Result<Session, Denial> {
+        let Unpersisted { session, line } = admitted;
         match self
             .store
             .commit(StoreOp::Insert(Box::new(session.clone())), line)

@@ -366,7 +366,11 @@ impl<'a> Conn<'a> {
         let key = auth_key(real, ev.cid);
         req.session_key = key.clone();
         let kid = ev.kid.unwrap_or(0);
-        let resp = self.app.connect(req).await;
+        // The answer goes out before the session's commit: OpenVPN's window for a fast
+        // `client-auth` is well under a millisecond after `>CLIENT:CONNECT`. Crash-safe here
+        // (not for the script hook): a session lost before its commit is one OpenVPN still
+        // has, which reconciliation adopts or ends at the next start.
+        let (resp, pending) = self.app.connect_answer_first(req);
         if resp.allowed() {
             self.remember(ev.cid, key);
             let mut cmd = format!("client-auth {} {kid}\n", ev.cid);
@@ -382,10 +386,24 @@ impl<'a> Conn<'a> {
                         Pending::Quiet("client-pending-auth (wake-up after client-auth)"),
                     ),
                 ])
-                .await
+                .await?;
             } else {
-                self.send(&cmd, Pending::Quiet("client-auth")).await
+                self.send(&cmd, Pending::Quiet("client-auth")).await?;
             }
+            if let Some(pending) = pending
+                && !self.app.persist(pending).await
+            {
+                // The store refused the session (fail mode closed): it is out of the table;
+                // end the client that was let in.
+                tracing::warn!(instance = %self.inst.instance, cid = ev.cid, "session not recorded; ending the client");
+                self.forget(ev.cid);
+                self.send(
+                    &format!("client-kill {} HALT", ev.cid),
+                    Pending::Quiet("client-kill"),
+                )
+                .await?;
+            }
+            Ok(())
         } else {
             self.deny(ev.cid, kid, &resp).await
         }

@@ -297,3 +297,180 @@ fn management_socket_gone_backs_off_and_reconnects() {
     assert!(seen.iter().any(|c| c.starts_with("bytecount")), "{seen:?}");
     assert!(seen.iter().any(|c| c == "status 3"), "{seen:?}");
 }
+
+/// management-client-auth answers before the session's commit (OpenVPN's window is under a
+/// millisecond). If the commit then fails (disk full, fail mode closed), the client that was
+/// let in is ended with `client-kill` and its seat is free again. A stand-in management
+/// interface plays OpenVPN.
+#[test]
+fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
+    if !nix::unistd::geteuid().is_root() {
+        if e2e_required() {
+            panic!("this test needs root to mount a small tmpfs");
+        }
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let devs = pool(2);
+    let mut f = Fixture::new(
+        Setup {
+            max_sessions: 100,
+            per_user: 0,
+            pool: "10.65.0.0/16".into(),
+            ..Setup::default()
+        },
+        &devs,
+    );
+    let mgmt = f.path("mgmt.sock");
+    f.setup.extra = format!(
+        "[[openvpn]]\ninstance = \"office-udp\"\nzone = \"office\"\nmanagement = \"{}\"\nclient_auth = true\nstatus_interval_s = 3600\n",
+        mgmt.display()
+    );
+    f.write_config();
+    let state = f.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    let _guard = Tmpfs(state.clone());
+    let listener = UnixListener::bind(&mgmt).unwrap();
+    let d = f.start();
+
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut events = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    w.write_all(b">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info\r\n")
+        .unwrap();
+    // Reads pforte's commands, answering them as OpenVPN does, until `stop` holds for the
+    // commands so far or the time is up.
+    let mut seen: Vec<String> = Vec::new();
+    let mut serve = |seen: &mut Vec<String>, stop: &dyn Fn(&[String]) -> bool, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut in_auth = false;
+        let mut line = String::new();
+        while Instant::now() < deadline && !stop(seen) {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let cmd = line.trim().to_string();
+            let reply = if in_auth {
+                if cmd == "END" {
+                    in_auth = false;
+                    "SUCCESS: client-auth command succeeded\r\n".to_string()
+                } else {
+                    String::new()
+                }
+            } else if cmd.starts_with("client-auth ") {
+                in_auth = true;
+                String::new()
+            } else if cmd.starts_with("status") {
+                "TITLE\tOpenVPN\r\nHEADER\tCLIENT_LIST\tCommon Name\tReal Address\tVirtual Address\tVirtual IPv6 Address\tBytes Received\tBytes Sent\tConnected Since\tConnected Since (time_t)\tUsername\tClient ID\tPeer ID\tData Channel Cipher\r\nEND\r\n".to_string()
+            } else {
+                format!("SUCCESS: {cmd}\r\n")
+            };
+            seen.push(cmd);
+            w.write_all(reply.as_bytes()).unwrap();
+        }
+    };
+    let connect = |w: &mut std::os::unix::net::UnixStream, cid: u64, dev: &Dev, port: u16| {
+        let env = [
+            "common_name=alice".to_string(),
+            format!("tls_digest_sha256_0={}", dev.fp()),
+            "tls_serial_0=4096".to_string(),
+            "untrusted_ip=198.51.100.20".to_string(),
+            format!("untrusted_port={port}"),
+            "IV_PLAT=linux".to_string(),
+            "password=hunter2".to_string(),
+        ];
+        let mut text = format!(">CLIENT:CONNECT,{cid},1\r\n");
+        for e in env {
+            text.push_str(&format!(">CLIENT:ENV,{e}\r\n"));
+        }
+        text.push_str(">CLIENT:ENV,END\r\n");
+        w.write_all(text.as_bytes()).unwrap();
+    };
+    // pforte's start: bytecount and status.
+    serve(
+        &mut seen,
+        &|s: &[String]| s.iter().any(|c| c == "status 3"),
+        10,
+    );
+
+    // Healthy store: admitted, woken, recorded; no kill.
+    connect(&mut events, 0, &devs[0], 50000);
+    serve(
+        &mut seen,
+        &|s: &[String]| s.iter().any(|c| c.starts_with("client-pending-auth 0 ")),
+        10,
+    );
+    assert!(seen.iter().any(|c| c == "client-auth 0 1"), "{seen:?}");
+    wait_for("the first session", Duration::from_secs(5), || {
+        d.metric("pforte_seats_used") == Some(1.0)
+    });
+
+    // Fill the disk: the next client is answered, its commit fails, and it is ended.
+    let filler = state.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+    // The WAL may still have room for a few commits: ask until one fails.
+    let mut killed = None;
+    for (i, port) in (1..=40u64).zip(50001u16..) {
+        connect(&mut events, i, &devs[i as usize % 2], port);
+        let kill = format!("client-kill {i} HALT");
+        let done = format!("client-pending-auth {i} ");
+        serve(
+            &mut seen,
+            &|s: &[String]| {
+                s.contains(&kill)
+                    || (s.iter().any(|c| c.starts_with(&done))
+                        && s.last().is_some_and(|c| c.starts_with(&done)))
+            },
+            10,
+        );
+        // A kill, if any, follows the wake-up at once.
+        serve(&mut seen, &|s: &[String]| s.contains(&kill), 1);
+        if seen.contains(&kill) {
+            killed = Some(i);
+            break;
+        }
+    }
+    let killed = killed.unwrap_or_else(|| {
+        panic!(
+            "no client was ended with the disk full: {seen:?}\n{}",
+            d.log()
+        )
+    });
+    let auth = seen
+        .iter()
+        .position(|c| *c == format!("client-auth {killed} 1"))
+        .expect("the killed client was admitted first");
+    let kill = seen
+        .iter()
+        .position(|c| *c == format!("client-kill {killed} HALT"))
+        .unwrap();
+    assert!(auth < kill, "{seen:?}");
+    assert!(
+        d.log().contains("session not recorded; ending the client"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        d.metric("pforte_decisions_total{decision=\"deny\",reason=\"store_unavailable\"}"),
+        Some(1.0)
+    );
+    // Every other client of this loop holds a seat; the killed one does not.
+    assert_eq!(d.metric("pforte_seats_used"), Some(killed as f64));
+    assert!(!d.log().contains("hunter2"));
+}
