@@ -498,6 +498,89 @@ impl LeanClient {
 /// A device and the bytes of its connect and its disconnect request.
 type PairRequests = (usize, Vec<u8>, Vec<u8>);
 
+/// What both `pairs` clients share: the daemon, the next pair to take, the error count, the
+/// clock and the CPU at the start, and the report.
+struct PairsRun {
+    b: Bench,
+    next: Arc<AtomicUsize>,
+    errors: Arc<AtomicU64>,
+    cpu_before: (f64, f64),
+    started: Instant,
+}
+
+impl PairsRun {
+    /// Starts the clock on a running daemon.
+    fn start(b: Bench) -> PairsRun {
+        PairsRun {
+            cpu_before: b.cpu(),
+            b,
+            next: Arc::new(AtomicUsize::new(0)),
+            errors: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs `concurrency` clients, each given the socket, the next-pair counter and the error
+    /// count; gathers their connect latencies.
+    fn drive<F, Fut>(&self, concurrency: usize, client: F) -> Latencies
+    where
+        F: Fn(PathBuf, Arc<AtomicUsize>, Arc<AtomicU64>) -> Fut,
+        Fut: std::future::Future<Output = Vec<u32>> + Send + 'static,
+    {
+        runtime().block_on(async {
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    tokio::spawn(client(
+                        self.b.socket(),
+                        self.next.clone(),
+                        self.errors.clone(),
+                    ))
+                })
+                .collect();
+            let mut all = Latencies::default();
+            for t in tasks {
+                all.0.extend(t.await.unwrap());
+            }
+            all
+        })
+    }
+
+    /// Prints the run's figures; the number of failed requests.
+    fn report(
+        &self,
+        label: &str,
+        cli: &Cli,
+        pairs: usize,
+        concurrency: usize,
+        mut lat: Latencies,
+    ) -> u64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        let cpu_after = self.b.cpu();
+        let errors = self.errors.load(Ordering::Relaxed);
+        println!(
+            "pairs ({label} client): {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {errors}; daemon RSS {:.0} MB; CPU: daemon {:.2} cores, load generator {:.2} cores",
+            cli.synchronous,
+            secs,
+            pairs as f64 / secs,
+            2.0 * pairs as f64 / secs,
+            lat.pct(0.5),
+            lat.pct(0.99),
+            self.b.rss_mb(),
+            (cpu_after.0 - self.cpu_before.0) / secs,
+            (cpu_after.1 - self.cpu_before.1) / secs
+        );
+        errors
+    }
+}
+
+/// Counts a failed request of the lean client; the first few are shown.
+fn failed(errors: &AtomicU64, what: &str, device: usize, answer: std::io::Result<(u16, &[u8])>) {
+    if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+        let answer = answer.map(|(s, b)| (s, String::from_utf8_lossy(b).into_owned()));
+        eprintln!("{what} of device {device}: {answer:?}");
+    }
+}
+
 fn pairs_lean(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
     let b = Bench::new(devices, devices + 10, &cli.synchronous);
     // Every request of the run, made up front: (device, connect, disconnect) per good device.
@@ -514,142 +597,61 @@ fn pairs_lean(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
             })
             .collect(),
     );
-    let cpu_before = b.cpu();
-    let next = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let lat = runtime().block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let socket = b.socket();
-            let next = next.clone();
-            let errors = errors.clone();
-            let requests = requests.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut c = LeanClient::connect(&socket).await;
-                let mut lat = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= pairs {
-                        return lat;
-                    }
-                    let (i, connect, disconnect) = &requests[n % requests.len()];
-                    let t = Instant::now();
-                    match c.send(connect).await {
-                        Ok((200, body)) if body.starts_with(b"{\"decision\":\"allow\"") => {}
-                        other => {
-                            if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!(
-                                    "connect of device {i}: {:?}",
-                                    other
-                                        .map(|(s, b)| (s, String::from_utf8_lossy(b).into_owned()))
-                                );
-                            }
-                        }
-                    }
-                    lat.push(t.elapsed().as_micros() as u32);
-                    match c.send(disconnect).await {
-                        Ok((200, body)) if body.windows(7).any(|w| w == b"\"ended\"") => {}
-                        other => {
-                            if errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!(
-                                    "disconnect of device {i}: {:?}",
-                                    other
-                                        .map(|(s, b)| (s, String::from_utf8_lossy(b).into_owned()))
-                                );
-                            }
-                        }
-                    }
+    let run = PairsRun::start(b);
+    let lat = run.drive(concurrency, |socket, next, errors| {
+        let requests = requests.clone();
+        async move {
+            let mut c = LeanClient::connect(&socket).await;
+            let mut lat = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= pairs {
+                    return lat;
                 }
-            }));
+                let (i, connect, disconnect) = &requests[n % requests.len()];
+                let t = Instant::now();
+                match c.send(connect).await {
+                    Ok((200, body)) if body.starts_with(b"{\"decision\":\"allow\"") => {}
+                    other => failed(&errors, "connect", *i, other),
+                }
+                lat.push(t.elapsed().as_micros() as u32);
+                match c.send(disconnect).await {
+                    Ok((200, body)) if body.windows(7).any(|w| w == b"\"ended\"") => {}
+                    other => failed(&errors, "disconnect", *i, other),
+                }
+            }
         }
-        let mut all = Latencies::default();
-        for t in tasks {
-            all.0.extend(t.await.unwrap());
-        }
-        all
     });
-    let secs = started.elapsed().as_secs_f64();
-    let cpu_after = b.cpu();
-    let cpu_line = format!(
-        "CPU: daemon {:.2} cores, load generator {:.2} cores",
-        (cpu_after.0 - cpu_before.0) / secs,
-        (cpu_after.1 - cpu_before.1) / secs
-    );
-    let mut lat = lat;
-    println!(
-        "pairs (lean client): {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB; {}",
-        cli.synchronous,
-        secs,
-        pairs as f64 / secs,
-        2.0 * pairs as f64 / secs,
-        lat.pct(0.5),
-        lat.pct(0.99),
-        errors.load(Ordering::Relaxed),
-        b.rss_mb(),
-        cpu_line
-    );
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "requests failed");
-    assert_eq!(b.metric("pforte_seats_used"), Some(0.0), "seats leaked");
+    let errors = run.report("lean", cli, pairs, concurrency, lat);
+    assert_eq!(errors, 0, "requests failed");
+    assert_eq!(run.b.metric("pforte_seats_used"), Some(0.0), "seats leaked");
 }
 
 fn pairs_hyper(cli: &Cli, devices: usize, pairs: usize, concurrency: usize) {
-    let b = Bench::new(devices, devices + 10, &cli.synchronous);
-    let cpu_before = b.cpu();
-    let next = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let lat = runtime().block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let socket = b.socket();
-            let next = next.clone();
-            let errors = errors.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut c = UnixClient::connect(&socket).await.unwrap();
-                let mut lat = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= pairs {
-                        return lat;
-                    }
-                    let i = pair_device(n, devices);
-                    let t = Instant::now();
-                    match c.connect_request(&request(i)).await {
-                        Ok((200, _)) => {}
-                        _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    lat.push(t.elapsed().as_micros() as u32);
-                    if c.disconnect_request(&disconnect(i)).await.is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+    let run = PairsRun::start(Bench::new(devices, devices + 10, &cli.synchronous));
+    let lat = run.drive(concurrency, |socket, next, errors| async move {
+        let mut c = UnixClient::connect(&socket).await.unwrap();
+        let mut lat = Vec::new();
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            if n >= pairs {
+                return lat;
+            }
+            let i = pair_device(n, devices);
+            let t = Instant::now();
+            match c.connect_request(&request(i)).await {
+                Ok((200, _)) => {}
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
-            }));
+            }
+            lat.push(t.elapsed().as_micros() as u32);
+            if c.disconnect_request(&disconnect(i)).await.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        let mut all = Latencies::default();
-        for t in tasks {
-            all.0.extend(t.await.unwrap());
-        }
-        all
     });
-    let secs = started.elapsed().as_secs_f64();
-    let cpu_after = b.cpu();
-    let mut lat = lat;
-    println!(
-        "pairs (hyper client): {pairs} connect+disconnect pairs, {concurrency} clients, synchronous={}: {:.1} s, {:.0} pairs/s = {:.0} requests/s; connect latency p50 {:.3} ms p99 {:.3} ms; errors {}; daemon RSS {:.0} MB; CPU: daemon {:.2} cores, load generator {:.2} cores",
-        cli.synchronous,
-        secs,
-        pairs as f64 / secs,
-        2.0 * pairs as f64 / secs,
-        lat.pct(0.5),
-        lat.pct(0.99),
-        errors.load(Ordering::Relaxed),
-        b.rss_mb(),
-        (cpu_after.0 - cpu_before.0) / secs,
-        (cpu_after.1 - cpu_before.1) / secs
-    );
+    run.report("hyper", cli, pairs, concurrency, lat);
 }
 
 fn steady(cli: &Cli, devices: usize, rate: u64, seconds: u64) {

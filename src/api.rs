@@ -497,6 +497,12 @@ const CONNECT_FIELDS: [&str; 12] = [
     "session_key",
 ];
 
+/// Whether a body is a JSON object at first sight: serde would also read a JSON array into a
+/// struct, so only objects take the one-pass decoding.
+fn is_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
@@ -510,9 +516,9 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
 pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, String> {
     // The common case, a well-formed body, is decoded in one pass; only a body that fails is
     // looked at again, to say which field is wrong.
-    // (serde would also accept a JSON array as a struct: only objects take the fast path.)
-    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if is_object && let Ok(req) = serde_json::from_slice::<ConnectRequest>(body) {
+    if is_object(body)
+        && let Ok(req) = serde_json::from_slice::<ConnectRequest>(body)
+    {
         return Ok(req);
     }
     let mut obj = json_object(body)?;
@@ -540,8 +546,9 @@ pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
         bytes_received: Option<u64>,
         bytes_sent: Option<u64>,
     }
-    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if is_object && let Ok(w) = serde_json::from_slice::<Wire>(body) {
+    if is_object(body)
+        && let Ok(w) = serde_json::from_slice::<Wire>(body)
+    {
         let fields = [&w.session_id, &w.vpn, &w.instance, &w.session_key];
         if fields.iter().all(|f| {
             f.as_ref()

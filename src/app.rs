@@ -166,20 +166,11 @@ impl App {
         match self.decide_connect(req) {
             Decided::Done(resp) => resp,
             Decided::Admitted(a) => {
-                let Admitted {
-                    response,
-                    admitted,
-                    req,
-                    started,
-                } = *a;
-                let (response, session) = match self.sessions.persist(admitted).await {
-                    Ok(session) => (response, Some(session)),
+                let (response, session) = match self.sessions.persist(a.admitted).await {
+                    Ok(session) => (a.response, Some(session)),
                     Err(d) => (ConnectResponse::deny(&d), None),
                 };
-                self.record_decision(&req, &response, session.as_ref());
-                self.metrics
-                    .decision_duration
-                    .observe(started.elapsed().as_secs_f64());
+                self.record_timed(&a.req, &response, session.as_ref(), a.started);
                 response
             }
         }
@@ -197,17 +188,12 @@ impl App {
         match self.decide_connect(req) {
             Decided::Done(resp) => (resp, None),
             Decided::Admitted(a) => {
-                let Admitted {
-                    response,
-                    admitted,
-                    req,
-                    started,
-                } = *a;
-                self.record_decision(&req, &response, Some(&admitted.session));
-                self.metrics
-                    .decision_duration
-                    .observe(started.elapsed().as_secs_f64());
-                (response, Some(PendingCommit { admitted, req }))
+                self.record_timed(&a.req, &a.response, Some(&a.admitted.session), a.started);
+                let pending = PendingCommit {
+                    admitted: a.admitted,
+                    req: a.req,
+                };
+                (a.response, Some(pending))
             }
         }
     }
@@ -224,6 +210,20 @@ impl App {
                 false
             }
         }
+    }
+
+    /// Records a decision and the time it took since `started`.
+    fn record_timed(
+        &self,
+        req: &ConnectRequest,
+        resp: &ConnectResponse,
+        session: Option<&Session>,
+        started: Instant,
+    ) {
+        self.record_decision(req, resp, session);
+        self.metrics
+            .decision_duration
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// The decision up to the commit. A refusal is recorded here; an allow is left to the
@@ -280,10 +280,7 @@ impl App {
             }
             Err(d) => {
                 let response = ConnectResponse::deny(&d);
-                self.record_decision(&req, &response, None);
-                self.metrics
-                    .decision_duration
-                    .observe(started.elapsed().as_secs_f64());
+                self.record_timed(&req, &response, None, started);
                 Decided::Done(response)
             }
         }

@@ -119,7 +119,44 @@ async fn kill_9_during_a_storm_of_connects() {
     );
 }
 
+/// Root, as mounting a tmpfs needs; without it the test is skipped (or fails under
+/// `PFORTE_E2E=1`).
+fn can_mount() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if e2e_required() {
+        panic!("this test needs root to mount a small tmpfs");
+    }
+    eprintln!("SKIPPED: needs root");
+    false
+}
+
+/// A 512 KiB tmpfs on a folder, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+/// Fills the filesystem of `dir` with one file; returns it (remove it to free the space).
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    let _ = file.sync_all();
+    filler
+}
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
@@ -131,11 +168,7 @@ impl Drop for Tmpfs {
 /// log and the metrics, and pforte recovers by itself once space is free again.
 #[tokio::test]
 async fn store_disk_full_fails_closed_and_recovers() {
-    if !nix::unistd::geteuid().is_root() {
-        if e2e_required() {
-            panic!("this test needs root to mount a small tmpfs");
-        }
-        eprintln!("SKIPPED: needs root");
+    if !can_mount() {
         return;
     }
     let devs = pool(600);
@@ -149,14 +182,7 @@ async fn store_disk_full_fails_closed_and_recovers() {
         &devs,
     );
     let state = f.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount tmpfs");
-    let _guard = Tmpfs(state.clone());
+    let _guard = Tmpfs::mount(&state);
     let d = f.start();
     let mut c = d.client().await;
     let (s, _) = c
@@ -165,13 +191,7 @@ async fn store_disk_full_fails_closed_and_recovers() {
         .unwrap();
     assert_eq!(s, 200);
     // Fill the disk.
-    let filler = state.join("filler");
-    {
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 4096];
-        while file.write_all(&chunk).is_ok() {}
-        let _ = file.sync_all();
-    }
+    let filler = fill(&state);
     let mut refused_at = None;
     for (i, dev) in devs.iter().enumerate().skip(1).take(400) {
         let (s, r) = c
@@ -304,11 +324,7 @@ fn management_socket_gone_backs_off_and_reconnects() {
 /// interface plays OpenVPN.
 #[test]
 fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
-    if !nix::unistd::geteuid().is_root() {
-        if e2e_required() {
-            panic!("this test needs root to mount a small tmpfs");
-        }
-        eprintln!("SKIPPED: needs root");
+    if !can_mount() {
         return;
     }
     let devs = pool(2);
@@ -328,14 +344,7 @@ fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
     );
     f.write_config();
     let state = f.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount tmpfs");
-    let _guard = Tmpfs(state.clone());
+    let _guard = Tmpfs::mount(&state);
     let listener = UnixListener::bind(&mgmt).unwrap();
     let d = f.start();
 
@@ -417,13 +426,7 @@ fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
     });
 
     // Fill the disk: the next client is answered, its commit fails, and it is ended.
-    let filler = state.join("filler");
-    {
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 4096];
-        while file.write_all(&chunk).is_ok() {}
-        let _ = file.sync_all();
-    }
+    fill(&state);
     // The WAL may still have room for a few commits: ask until one fails.
     let mut killed = None;
     for (i, port) in (1..=40u64).zip(50001u16..) {
