@@ -302,24 +302,11 @@ impl Sessions {
         Some(s)
     }
 
-    /// Admits a session if capacity allows, atomically, and persists it before answering.
-    /// A session the VPN already had under the same key is replaced (the VPN reused the key,
-    /// so the old one is gone).
-    pub async fn admit(
-        &self,
-        adm: &Admission,
-        req: &ConnectRequest,
-        capacity: &Capacity,
-        now_unix: i64,
-        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
-    ) -> Result<Session, Denial> {
-        let admitted = self.admit_unpersisted(adm, req, capacity, now_unix, audit_line)?;
-        self.persist(admitted).await
-    }
-
-    /// [`Sessions::admit`] up to, not including, the commit: the session holds its seat in
-    /// the table; [`Sessions::persist`] must follow. For callers that may answer before the
-    /// commit (see `App::connect_answer_first`).
+    /// Admits a session if capacity allows, atomically: it holds its seat in the table from
+    /// here on, and [`Sessions::persist`] must follow (before the answer, except where a lost
+    /// session is recovered otherwise: see `App::connect_answer_first`). A session the VPN
+    /// already had under the same key is replaced (the VPN reused the key, so the old one is
+    /// gone).
     pub fn admit_unpersisted(
         &self,
         adm: &Admission,
