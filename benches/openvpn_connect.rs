@@ -136,6 +136,7 @@ fn args() -> Args {
                 a.logs = Some(dir);
             }
             "--verb" => server_extra.push(format!("verb {}", it.next().unwrap_or_default())),
+            "--server-line" => server_extra.push(it.next().unwrap_or_default()),
             "--client-verb" => {
                 let _ = CLIENT_VERB.set(it.next().unwrap_or_default());
             }
@@ -146,7 +147,7 @@ fn args() -> Args {
             }
             "--hook-only" => a.connect_bench = false,
             other => panic!(
-                "unknown argument {other:?}; use --clients N --rounds R --modes a,b --no-hook-bench --hook-only --pforte-bin PATH --logs DIR --verb N --client-verb N --refusals K"
+                "unknown argument {other:?}; use --clients N --rounds R --modes a,b --no-hook-bench --hook-only --pforte-bin PATH --logs DIR --verb N --client-verb N --server-line LINE --refusals K"
             ),
         }
     }

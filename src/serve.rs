@@ -143,7 +143,11 @@ pub async fn run(
     };
     let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;
     let stored = sqlite.load()?;
-    store::spawn_checkpointer(&config.store.path, Duration::from_millis(100))?;
+    store::spawn_checkpointer(
+        &config.store.path,
+        sqlite.wal_frames(),
+        store::CheckpointPace::default(),
+    )?;
     let (store, _writer) = store::spawn_writer(
         sqlite,
         metrics.clone(),

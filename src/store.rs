@@ -7,9 +7,10 @@
 //! after its commit: a crash loses nothing already acknowledged.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
@@ -61,6 +62,20 @@ pub trait SessionStore: Send + 'static {
 /// SQLite in WAL mode.
 pub struct SqliteStore {
     conn: Connection,
+    frames: WalFrames,
+}
+
+/// How many frames (pages) the store's commits have appended to the WAL since it was opened,
+/// counted by SQLite's WAL hook on the writer's connection. The checkpointer paces itself by
+/// it. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct WalFrames(Arc<AtomicU64>);
+
+impl WalFrames {
+    /// Frames appended so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// How hard a commit waits for the disk.
@@ -80,7 +95,7 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(dir)?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
@@ -94,6 +109,21 @@ impl SqliteStore {
         // Checkpoints run on their own connection and thread (see `spawn_checkpointer`), not
         // inside a commit that someone waits for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // After `wal_autocheckpoint`, which would replace it. SQLite reports the WAL's length
+        // after each commit; it starts over from zero when the WAL is restarted.
+        let frames = WalFrames::default();
+        let counter = Arc::clone(&frames.0);
+        let mut length: i32 = 0;
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            let added = if pages >= length {
+                pages - length
+            } else {
+                pages
+            };
+            length = pages;
+            counter.fetch_add(u64::try_from(added).unwrap_or(0), Ordering::Relaxed);
+            Ok(())
+        }))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS sessions (
                 id TEXT PRIMARY KEY,
@@ -115,7 +145,12 @@ impl SqliteStore {
                 bytes_sent INTEGER NOT NULL
             ) WITHOUT ROWID;",
         )?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore { conn, frames })
+    }
+
+    /// The counter of frames this store's commits append to the WAL (for the checkpointer).
+    pub fn wal_frames(&self) -> WalFrames {
+        self.frames.clone()
     }
 }
 
@@ -210,19 +245,55 @@ impl SessionStore for SqliteStore {
 /// WAL size (in 4 KiB frames) above which the checkpointer also restarts the WAL.
 const WAL_RESTART_FRAMES: i64 = 16384;
 
-/// Keeps the WAL short from a connection of its own: every `every` a PASSIVE checkpoint copies
-/// committed frames into the database without waiting for the writer (and without the writer
-/// waiting for it); when the WAL has grown past [`WAL_RESTART_FRAMES`] (64 MiB) a RESTART
-/// checkpoint finishes the few frames left, holding the writer back only for those, and lets
-/// the WAL start over from its beginning. Under continuous writes a PASSIVE checkpoint alone
-/// never completes, and the WAL would grow without end. RESTART rather than TRUNCATE: the file
-/// keeps its size and is written over, where truncating it held the writer for a further
-/// 25 ms (ftruncate of 64 MiB on a filesystem mounted with `discard`) and a 30 ms fsync, every
-/// few seconds under load (steady-rate max latency 38 ms; docs/BENCHMARKS.md). Runs for the
-/// life of the process.
-pub fn spawn_checkpointer(path: &Path, every: Duration) -> Result<(), StoreError> {
+/// When the checkpointer copies the WAL into the database.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPace {
+    /// How often it looks.
+    pub tick: Duration,
+    /// It checkpoints once the commits since the last checkpoint have appended this many frames…
+    pub frames: u64,
+    /// …or when anything at all was appended and the last checkpoint is this old.
+    pub idle: Duration,
+}
+
+impl Default for CheckpointPace {
+    /// Looks every 100 ms; 512 frames (2 MiB) are half a second of single-decision commits at
+    /// 1,000 decisions/s (one frame each, measured) and a few hundredths of a second of the
+    /// batched commits under heavier load (a quarter frame per decision); sparse connects are
+    /// checkpointed every 10 s.
+    fn default() -> Self {
+        CheckpointPace {
+            tick: Duration::from_millis(100),
+            frames: 512,
+            idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Keeps the WAL short from a connection of its own: a PASSIVE checkpoint copies committed
+/// frames into the database without waiting for the writer (and without the writer waiting
+/// for it); when the WAL has grown past [`WAL_RESTART_FRAMES`] (64 MiB) a RESTART checkpoint
+/// finishes the few frames left, holding the writer back only for those, and lets the WAL
+/// start over from its beginning. Under continuous writes a PASSIVE checkpoint alone never
+/// completes, and the WAL would grow without end. RESTART rather than TRUNCATE: the file keeps
+/// its size and is written over, where truncating it held the writer for a further 25 ms
+/// (ftruncate of 64 MiB on a filesystem mounted with `discard`) and a 30 ms fsync, every few
+/// seconds under load (steady-rate max latency 38 ms; docs/BENCHMARKS.md).
+///
+/// Paced by the frames committed ([`CheckpointPace`]), not by the clock alone: a checkpoint
+/// that has copied everything lets the next commit start the WAL over, and that commit writes
+/// and fsyncs a new WAL header (0.3 ms here) while a caller waits. Checkpointing after every
+/// sparse commit (a VPN connect now and then) put that fsync on nearly every one of them.
+/// Returns the count of checkpoints run; runs for the life of the process.
+pub fn spawn_checkpointer(
+    path: &Path,
+    frames: WalFrames,
+    pace: CheckpointPace,
+) -> Result<Arc<AtomicU64>, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(2))?;
+    let runs = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&runs);
     std::thread::Builder::new()
         .name("pforte-checkpoint".into())
         .spawn(move || {
@@ -231,8 +302,17 @@ pub fn spawn_checkpointer(path: &Path, every: Duration) -> Result<(), StoreError
                     Ok((r.get(1)?, r.get(2)?))
                 })
             };
+            let mut copied = frames.get();
+            let mut last = Instant::now();
             loop {
-                std::thread::sleep(every);
+                std::thread::sleep(pace.tick);
+                let now = frames.get();
+                let pending = now.saturating_sub(copied);
+                if pending == 0 || (pending < pace.frames && last.elapsed() < pace.idle) {
+                    continue;
+                }
+                copied = now;
+                last = Instant::now();
                 match checkpoint("PASSIVE") {
                     Ok((log, _)) if log > WAL_RESTART_FRAMES => {
                         if let Err(e) = checkpoint("RESTART") {
@@ -242,9 +322,10 @@ pub fn spawn_checkpointer(path: &Path, every: Duration) -> Result<(), StoreError
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "WAL checkpoint did not run"),
                 }
+                counted.fetch_add(1, Ordering::Relaxed);
             }
         })?;
-    Ok(())
+    Ok(runs)
 }
 
 type Ack = oneshot::Sender<Result<(), String>>;
@@ -482,6 +563,62 @@ mod tests {
         }
     }
 
+    /// Sparse commits are not checkpointed one by one (each checkpoint would make the next
+    /// commit fsync a new WAL header); enough frames, or enough time, are.
+    #[test]
+    fn checkpoints_follow_the_frames_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
+        let pace = CheckpointPace {
+            tick: Duration::from_millis(5),
+            frames: 50,
+            idle: Duration::from_secs(1),
+        };
+        let runs = spawn_checkpointer(&path, store.wal_frames(), pace).unwrap();
+        let insert = |store: &mut SqliteStore, i| {
+            store
+                .apply(&[StoreOp::Insert(Box::new(session(i)))])
+                .unwrap();
+        };
+        let wait_for = |n: u64, within: Duration| {
+            let t0 = Instant::now();
+            while runs.load(Ordering::Relaxed) < n && t0.elapsed() < within {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            runs.load(Ordering::Relaxed)
+        };
+        // Ten commits 10 ms apart: ten frames, well within the second.
+        let t0 = Instant::now();
+        for i in 0..10 {
+            insert(&mut store, i);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(store.wal_frames().get() >= 10);
+        if t0.elapsed() < Duration::from_millis(800) {
+            assert_eq!(
+                runs.load(Ordering::Relaxed),
+                0,
+                "sparse commits were checkpointed"
+            );
+        }
+        // Past 50 frames: a checkpoint follows within ticks.
+        for i in 10..80 {
+            insert(&mut store, i);
+        }
+        assert_eq!(wait_for(1, Duration::from_secs(5)), 1);
+        // One more commit: checkpointed only once the last checkpoint is a second old.
+        let t1 = Instant::now();
+        insert(&mut store, 80);
+        assert_eq!(wait_for(2, Duration::from_secs(10)), 2);
+        assert!(
+            t1.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t1.elapsed()
+        );
+        assert_eq!(store.load().unwrap().len(), 81);
+    }
+
     /// Under continuous commits the WAL must start over now and then: a PASSIVE checkpoint
     /// alone never completes while a writer keeps writing, and the WAL grew by gigabytes.
     #[test]
@@ -489,7 +626,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
-        spawn_checkpointer(&path, Duration::from_millis(10)).unwrap();
+        let pace = CheckpointPace {
+            tick: Duration::from_millis(10),
+            ..CheckpointPace::default()
+        };
+        spawn_checkpointer(&path, store.wal_frames(), pace).unwrap();
         // 30,000 commits of one insert and one delete: without restarts over 200 MB of WAL.
         for i in 0..30_000 {
             store
