@@ -8,6 +8,7 @@
 //! cargo bench --bench openvpn_connect -- --clients 24 --rounds 5
 //! cargo bench --bench openvpn_connect -- --modes none,mgmt  # a subset
 //! cargo bench --bench openvpn_connect -- --hook-only        # only the hook process
+//! cargo bench --bench openvpn_connect -- --hook-only --interleaved 300 --also-bin /tmp/pforte-old
 //! cargo bench --bench openvpn_connect -- --pforte-bin /tmp/pforte-old   # another build
 //! cargo bench --bench openvpn_connect -- --clients 4 --rounds 1 --logs /tmp/ovpn-logs --verb 8
 //! ```
@@ -87,6 +88,10 @@ struct Args {
     logs: Option<PathBuf>,
     /// Refused connects per mode that can refuse (unregistered certificates).
     refusals: usize,
+    /// Rounds of the interleaved hook comparison (0: none).
+    interleaved: usize,
+    /// Other builds whose hook the interleaved comparison times next to this one.
+    also_bins: Vec<PathBuf>,
 }
 
 /// `verb` of the clients (`--client-verb N`; the harness's default is 4).
@@ -104,6 +109,8 @@ fn args() -> Args {
         connect_bench: true,
         logs: None,
         refusals: 5,
+        interleaved: 0,
+        also_bins: Vec::new(),
     };
     let mut server_extra = Vec::new();
     let mut it = std::env::args().skip(1);
@@ -146,8 +153,16 @@ fn args() -> Args {
                 let _ = PFORTE_BIN.set(p);
             }
             "--hook-only" => a.connect_bench = false,
+            "--interleaved" => {
+                a.interleaved = it.next().and_then(|v| v.parse().ok()).unwrap_or(300)
+            }
+            "--also-bin" => {
+                let p = PathBuf::from(it.next().unwrap_or_default());
+                assert!(p.is_file(), "--also-bin {}: no such file", p.display());
+                a.also_bins.push(p);
+            }
             other => panic!(
-                "unknown argument {other:?}; use --clients N --rounds R --modes a,b --no-hook-bench --hook-only --pforte-bin PATH --logs DIR --verb N --client-verb N --server-line LINE --refusals K"
+                "unknown argument {other:?}; use --clients N --rounds R --modes a,b --no-hook-bench --hook-only --pforte-bin PATH --logs DIR --verb N --client-verb N --server-line LINE --refusals K --interleaved N --also-bin PATH"
             ),
         }
     }
@@ -169,7 +184,7 @@ fn main() {
         connect_bench(&args, &pki, work.path());
     }
     if args.hook_bench {
-        hook_bench(&pki, work.path());
+        hook_bench(&pki, work.path(), &args);
     }
 }
 
@@ -965,7 +980,7 @@ fn report(title: &str, names: &[&str], samples: &[Vec<Sample>], walls: Option<&[
 /// `hyperfine -N` of one client-connect call of `pforte hook openvpn` (against a running
 /// daemon, an admitted device) next to `/bin/true` and `pforte --version`, with the
 /// environment OpenVPN gives a client-connect script (no PATH).
-fn hook_bench(pki: &Pki, work: &Path) {
+fn hook_bench(pki: &Pki, work: &Path, args: &Args) {
     let Some(hyperfine) = openvpn::find_tool("hyperfine") else {
         println!(
             "## Hook process\n\nhyperfine not installed (apt-get install -y hyperfine): skipped"
@@ -1070,6 +1085,79 @@ fn hook_bench(pki: &Pki, work: &Path) {
             p90(i) * 1000.0,
             med(i) / med(0)
         );
+    }
+    println!();
+    if args.interleaved > 0 {
+        hook_interleaved(&env, args);
+    }
+}
+
+/// `--interleaved N`: N rounds, each spawning `/bin/true` and then the hook of this build and
+/// of every `--also-bin` build, 10 ms apart, so that builds are compared call by call and the
+/// daemon is idle between calls, as under OpenVPN. Every call is a client-connect of its own
+/// session (timed), followed by its client-disconnect (not timed).
+fn hook_interleaved(env: &[(&str, String)], args: &Args) {
+    let mut bins = vec![pforte_bin()];
+    bins.extend(args.also_bins.iter().cloned());
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); bins.len() + 1];
+    let mut port = 20_000u32;
+    let run = |program: &Path, hook: bool, script_type: &str, port: u32| {
+        let mut cmd = Command::new(program);
+        if hook {
+            cmd.args(["hook", "openvpn"]);
+        }
+        let status = cmd
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("script_type", script_type)
+            .env("trusted_port", port.to_string())
+            .env("untrusted_port", port.to_string())
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{} ({script_type}) failed",
+            program.display()
+        );
+    };
+    for _ in 0..args.interleaved {
+        for (k, slot) in times.iter_mut().enumerate() {
+            port += 1;
+            thread::sleep(Duration::from_millis(10));
+            let t = Instant::now();
+            if k == 0 {
+                run(Path::new("/bin/true"), false, "client-connect", port);
+            } else {
+                run(&bins[k - 1], true, "client-connect", port);
+            }
+            slot.push(t.elapsed().as_secs_f64() * 1000.0);
+            if k > 0 {
+                run(&bins[k - 1], true, "client-disconnect", port);
+            }
+        }
+    }
+    println!(
+        "### Interleaved: {} rounds, each `/bin/true` then every build's hook, 10 ms apart",
+        args.interleaved
+    );
+    println!();
+    println!("| command | median ms | p90 ms | median / /bin/true |");
+    println!("|---|---:|---:|---:|");
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        (at(0.5), at(0.9))
+    };
+    let (t0, _) = stats(&mut times[0]);
+    for (k, v) in times.iter_mut().enumerate() {
+        let (m, p) = stats(v);
+        let name = if k == 0 {
+            "/bin/true".to_string()
+        } else {
+            format!("{} hook openvpn", bins[k - 1].display())
+        };
+        println!("| {name} | {m:.2} | {p:.2} | {:.2} |", m / t0);
     }
     println!();
 }

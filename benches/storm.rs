@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo bench --bench storm -- pairs  --devices 10000 --pairs 200000 --concurrency 32 [--client lean|hyper|both]
 //! cargo bench --bench storm -- steady --devices 10000 --rate 1000 --seconds 10
+//! cargo bench --bench storm -- sparse --devices 1000 --count 200 --gap-ms 30
 //! cargo bench --bench storm -- storm  --devices 1000000 --connects 100000 --concurrency 64
 //! cargo bench --bench storm -- scrape --sessions 100 --sessions-large 100000
 //! cargo bench --bench storm -- load   --devices 1000000
@@ -68,6 +69,19 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Sparse connects, as a script hook makes them: each request on a fresh connection
+    /// (`pforte::client::request_once`, the hook's own client), a pause between requests so
+    /// that the daemon is idle when the next one comes: latency percentiles.
+    Sparse {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Connects (each followed by its disconnect).
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Pause before every request, milliseconds.
+        #[arg(long, default_value_t = 30)]
+        gap_ms: u64,
     },
     /// A reconnect storm: N distinct devices connect with concurrency K, hold, disconnect.
     Storm {
@@ -705,6 +719,47 @@ fn steady(cli: &Cli, devices: usize, rate: u64, seconds: u64) {
     );
 }
 
+fn sparse(cli: &Cli, devices: usize, count: usize, gap_ms: u64) {
+    let b = Bench::new(devices, devices + 10, &cli.synchronous);
+    let socket = b.socket();
+    let gap = Duration::from_millis(gap_ms);
+    let timeout = Duration::from_secs(2);
+    let mut connects = Latencies::default();
+    let mut disconnects = Latencies::default();
+    for n in 0..count {
+        let i = (n * 100 / 93) % devices;
+        let i = if kind(i) == "good" {
+            i
+        } else {
+            (i / 100) * 100 + 50
+        };
+        let body = serde_json::to_vec(&request(i)).unwrap();
+        std::thread::sleep(gap);
+        let t = Instant::now();
+        let (s, _) =
+            pforte::client::request_once(&socket, "POST", "/v1/connect", &body, timeout).unwrap();
+        connects.0.push(t.elapsed().as_micros() as u32);
+        assert_eq!(s, 200, "connect of device {i}");
+        let body = serde_json::to_vec(&disconnect(i)).unwrap();
+        std::thread::sleep(gap);
+        let t = Instant::now();
+        let (s, _) =
+            pforte::client::request_once(&socket, "POST", "/v1/disconnect", &body, timeout)
+                .unwrap();
+        disconnects.0.push(t.elapsed().as_micros() as u32);
+        assert_eq!(s, 200, "disconnect of device {i}");
+    }
+    println!(
+        "sparse: {count} connects and disconnects, {gap_ms} ms apart, a connection each, synchronous={}: connect p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms; disconnect p50 {:.3} ms, p90 {:.3} ms",
+        cli.synchronous,
+        connects.pct(0.5),
+        connects.pct(0.9),
+        connects.pct(0.99),
+        disconnects.pct(0.5),
+        disconnects.pct(0.9),
+    );
+}
+
 fn storm(cli: &Cli, devices: usize, connects: usize, concurrency: usize, reload_at: usize) {
     // Seats for 95% of the good devices that connect: the rest are refused for capacity.
     let good = (0..connects).filter(|i| kind(*i) == "good").count();
@@ -1081,6 +1136,11 @@ fn main() {
             rate,
             seconds,
         } => steady(&cli, devices, rate, seconds),
+        Mode::Sparse {
+            devices,
+            count,
+            gap_ms,
+        } => sparse(&cli, devices, count, gap_ms),
         Mode::Storm {
             devices,
             connects,
