@@ -258,9 +258,8 @@ pub struct CheckpointPace {
 
 impl Default for CheckpointPace {
     /// Looks every 100 ms; 512 frames (2 MiB) are half a second of single-decision commits at
-    /// 1,000 decisions/s (one frame each, measured) and a few hundredths of a second of the
-    /// batched commits under heavier load (a quarter frame per decision); sparse connects are
-    /// checkpointed every 10 s.
+    /// 1,000 decisions/s (one frame each, measured), less under heavier load, where commits
+    /// carry many decisions and more frames; sparse connects are checkpointed every 10 s.
     fn default() -> Self {
         CheckpointPace {
             tick: Duration::from_millis(100),
