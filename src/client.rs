@@ -191,12 +191,15 @@ pub fn request_once(
     out.push_str("\r\n");
     let mut out = out.into_bytes();
     out.extend_from_slice(body);
-    stream.set_write_timeout(Some(left()?)).map_err(io)?;
+    // The send timeout set before connecting bounds the write too (a request of a few hundred
+    // bytes into an empty socket buffer).
     stream.write_all(&out).map_err(io)?;
 
     let mut answer = Vec::with_capacity(1024);
     let mut buf = [0u8; 4096];
-    loop {
+    // Read until the answer is whole by its content-length, not until the daemon closes: the
+    // hook's time is OpenVPN's, and the close comes after the answer.
+    while !whole(&answer) {
         stream.set_read_timeout(Some(left()?)).map_err(io)?;
         match stream.read(&mut buf) {
             Ok(0) => break,
@@ -214,6 +217,23 @@ pub fn request_once(
         }
     }
     parse_answer(&answer)
+}
+
+/// Whether an answer read so far has all its headers and as many body bytes as its
+/// `content-length` says.
+fn whole(answer: &[u8]) -> bool {
+    let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let length = std::str::from_utf8(&answer[..split]).ok().and_then(|head| {
+        head.split("\r\n").find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+    });
+    length.is_some_and(|n| answer.len() - split - 4 >= n)
 }
 
 /// Status and body of a complete HTTP/1.1 answer: the body is `content-length` bytes, or
@@ -280,6 +300,36 @@ mod tests {
         let (status, body) = parse_answer(a).unwrap_or_default();
         assert_eq!(status, 403);
         assert_eq!(body, b"{}");
+    }
+
+    #[test]
+    fn an_answer_is_whole_by_its_content_length() {
+        assert!(whole(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"));
+        assert!(!whole(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{}"));
+        assert!(!whole(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"));
+        assert!(!whole(b"HTTP/1.1 200 OK\r\nx: y\r\n\r\n{}"));
+        assert!(!whole(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n{}"));
+    }
+
+    /// The answer is taken as soon as it is whole, though the daemon keeps the connection.
+    #[test]
+    fn does_not_wait_for_the_close_after_a_whole_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .unwrap();
+            // Holds the connection open well past the client's timeout.
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let (status, body) =
+            request_once(&path, "GET", "/healthz", b"", Duration::from_millis(500)).unwrap();
+        assert_eq!((status, body.as_slice()), (200, b"{}".as_slice()));
+        server.join().unwrap();
     }
 
     #[test]
