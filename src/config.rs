@@ -62,6 +62,7 @@ struct RawServer {
     peer_gids: Ids,
     api_token_file: Option<String>,
     max_connections: Option<usize>,
+    workers: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
 }
@@ -236,6 +237,9 @@ pub struct ServerConfig {
     pub api_token_file: Option<PathBuf>,
     /// Concurrent connections per listener; more wait in the kernel backlog.
     pub max_connections: usize,
+    /// Threads that serve requests (the async runtime's workers). The session store's writer
+    /// and the checkpointer have threads of their own.
+    pub workers: usize,
     /// Time allowed for a request's headers to arrive.
     pub header_timeout: Duration,
     /// Time allowed for a request's body to arrive.
@@ -578,6 +582,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
     })
 }
 
+/// Request threads by default. One: on a small machine (2 cores here) one worker beside the
+/// store's writer thread spends less CPU per decision than two, which wake and steal from
+/// each other, and leaves the other core to the VPN server (docs/BENCHMARKS.md, fourth
+/// session). More only help once one worker is saturated.
+pub const DEFAULT_WORKERS: usize = 1;
+/// Most request threads the config may ask for.
+pub const MAX_WORKERS: usize = 256;
+
 fn validate_server(raw: RawServer) -> Result<ServerConfig, Invalid> {
     let listen = match raw.listen {
         Some(s) if !s.is_empty() => Some(s.parse::<SocketAddr>().map_err(|e| {
@@ -605,6 +617,13 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, Invalid> {
     if header_timeout.is_zero() || body_timeout.is_zero() {
         return Err(bad("server", "timeouts must be greater than zero"));
     }
+    let workers = raw.workers.unwrap_or(DEFAULT_WORKERS);
+    if !(1..=MAX_WORKERS).contains(&workers) {
+        return Err(bad(
+            "server.workers",
+            format!("{workers} is not between 1 and {MAX_WORKERS}"),
+        ));
+    }
     Ok(ServerConfig {
         listen,
         socket: raw.socket.filter(|s| !s.is_empty()).map(PathBuf::from),
@@ -616,6 +635,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, Invalid> {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from),
         max_connections: raw.max_connections.unwrap_or(4096).max(1),
+        workers,
         header_timeout,
         body_timeout,
     })
@@ -902,6 +922,7 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
         assert_eq!(c.server.socket_mode, 0o660);
         assert_eq!(c.rules.zones["office"].routes[1].level, 2);
         assert!(c.rules.policy.require_hwaddr);
+        assert_eq!(c.server.workers, DEFAULT_WORKERS);
     }
 
     #[test]
@@ -918,12 +939,14 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
                 "PFORTE_SERVER__LISTEN".to_string(),
                 "127.0.0.1:1".to_string(),
             ),
+            ("PFORTE_SERVER__WORKERS".to_string(), "3".to_string()),
         ]);
         let c = load_with_env(&write(d.path(), MINIMAL), env).unwrap();
         assert_eq!(c.rules.capacity.max_sessions, 7);
         assert_eq!(c.server.peer_uids, vec![65534, 1000]);
         assert_eq!(c.server.peer_gids, vec![4]);
         assert_eq!(c.server.listen, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(c.server.workers, 3);
     }
 
     #[test]
@@ -942,6 +965,13 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
         let p = write(d.path(), &MINIMAL.replace("10.80.0.0/24", "10.80.0.0/33"));
         let e = load_with_env(&p, HashMap::new()).unwrap_err().to_string();
         assert!(e.contains("zones[0].pool"), "{e}");
+
+        let p = write(
+            d.path(),
+            &MINIMAL.replace("[registry]", "workers = 0\n[registry]"),
+        );
+        let e = load_with_env(&p, HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("server.workers"), "{e}");
 
         let p = write(d.path(), &format!("{MINIMAL}\n[policy]\nbogus = 1\n"));
         let e = load_with_env(&p, HashMap::new()).unwrap_err().to_string();

@@ -205,7 +205,10 @@ fn main() -> ExitCode {
 
 fn serve_main(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.workers)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listeners = serve::bind(&config.server).await?;
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
