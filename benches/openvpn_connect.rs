@@ -46,6 +46,9 @@
 #[path = "../tests/it/common/openvpn.rs"]
 mod openvpn;
 
+#[path = "common/machine.rs"]
+mod machine;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -177,6 +180,7 @@ fn main() {
         return;
     }
     print_machine();
+    let machine_before = machine::cpu_times();
     println!("pforte: {}", pforte_bin().display());
     let work = tempfile::tempdir().unwrap();
     let pki = Pki::create(work.path()).unwrap();
@@ -185,6 +189,9 @@ fn main() {
     }
     if args.hook_bench {
         hook_bench(&pki, work.path(), &args);
+    }
+    if let Some(line) = machine::report(machine_before) {
+        println!("\n{line}");
     }
 }
 

@@ -9,9 +9,13 @@
 //! cargo bench --bench storm -- scrape --sessions 100 --sessions-large 100000
 //! cargo bench --bench storm -- load   --devices 1000000
 //! ```
-//! Every mode prints its figures; `storm` has a progress line on stderr.
+//! Every mode prints its figures, and a last line with the share of CPU time the host's other
+//! guests took during the run (steal); `storm` has a progress line on stderr.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "common/machine.rs"]
+mod machine;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -1124,6 +1128,7 @@ fn main() {
         );
         let _ = PFORTE_BIN.set(bin.clone());
     }
+    let machine_before = machine::cpu_times();
     match cli.mode {
         Mode::Pairs {
             devices,
@@ -1157,5 +1162,8 @@ fn main() {
             devices,
             concurrency,
         } => soak(&cli, seconds, devices, concurrency),
+    }
+    if let Some(line) = machine::report(machine_before) {
+        println!("{line}");
     }
 }
