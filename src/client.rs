@@ -219,19 +219,29 @@ pub fn request_once(
     parse_answer(&answer)
 }
 
+/// Where an answer's headers end (the index of the blank line's `\r\n\r\n`).
+fn end_of_headers(answer: &[u8]) -> Option<usize> {
+    answer.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// The value of a header line if it is `content-length` (any case), as written.
+fn content_length(line: &str) -> Option<&str> {
+    let (name, value) = line.split_once(':')?;
+    name.trim()
+        .eq_ignore_ascii_case("content-length")
+        .then(|| value.trim())
+}
+
 /// Whether an answer read so far has all its headers and as many body bytes as its
 /// `content-length` says.
 fn whole(answer: &[u8]) -> bool {
-    let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let Some(split) = end_of_headers(answer) else {
         return false;
     };
     let length = std::str::from_utf8(&answer[..split]).ok().and_then(|head| {
-        head.split("\r\n").find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
+        head.split("\r\n")
+            .find_map(content_length)
+            .and_then(|v| v.parse::<usize>().ok())
     });
     length.is_some_and(|n| answer.len() - split - 4 >= n)
 }
@@ -244,10 +254,8 @@ fn parse_answer(answer: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
         status: 0,
         body: why.to_string(),
     };
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("incomplete answer (no end of headers)"))?;
+    let split =
+        end_of_headers(answer).ok_or_else(|| bad("incomplete answer (no end of headers)"))?;
     let head = std::str::from_utf8(&answer[..split]).map_err(|_| bad("headers not UTF-8"))?;
     let rest = &answer[split + 4..];
     let mut lines = head.split("\r\n");
@@ -262,19 +270,19 @@ fn parse_answer(answer: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
         .ok_or_else(|| bad("no status line"))?;
     let mut length = None;
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
+        let Some((name, _)) = line.split_once(':') else {
             continue;
         };
         let name = name.trim();
         if name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(bad("chunked answer"));
         }
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = value
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| bad("bad content-length"))?;
-            length = Some(n);
+        if let Some(value) = content_length(line) {
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| bad("bad content-length"))?,
+            );
         }
     }
     let body = match length {

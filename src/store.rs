@@ -557,14 +557,13 @@ impl Shared {
             }
             let left = w.retry.len();
             drop(w);
-            if !open && self.queue_is_empty() {
+            // Closed: stop once everything is written, or give up on a failing disk rather
+            // than spin.
+            if !open && (failed || self.queue_is_empty()) {
                 if failed {
-                    // Shutting down with a failing disk: give up rather than spin.
                     tracing::error!(lost = left, "session store changes not written at shutdown");
                 }
-                if failed || left == 0 {
-                    return;
-                }
+                return;
             }
             if failed {
                 std::thread::sleep(Duration::from_millis(200));
