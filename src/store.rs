@@ -519,10 +519,13 @@ impl Shared {
         )
     }
 
-    /// Wakes the writer thread if it sleeps and has something to do.
+    /// Wakes the writer thread if it sleeps and has something to do. Once woken it counts as
+    /// awake: callers that queue before it runs do not wake it again (it takes everything
+    /// queued when it runs), which spares each of them a futex call.
     fn wake_writer(&self) {
-        let q = lock(&self.queue);
+        let mut q = lock(&self.queue);
         if q.sleeping && (!q.jobs.is_empty() || !q.open) {
+            q.sleeping = false;
             drop(q);
             self.wake.notify_one();
         }
