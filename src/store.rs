@@ -410,6 +410,13 @@ const MAX_BATCH: usize = 4096;
 /// transaction than callers committing one by one would (docs/BENCHMARKS.md).
 const IDLE_GAP: Duration = Duration::from_millis(1);
 
+/// After committing, the writer thread looks at the queue again this much later before it goes
+/// to sleep, and while it waits callers do not wake it: under load the next changes are
+/// queued by then, and each wake-up of a sleeping thread on the other CPU costs the request
+/// thread more than a decision's worth of work on a VM. Longer waits starve the request
+/// thread of answers (300 µs: fewer pairs/s than none); docs/BENCHMARKS.md.
+const WRITER_POLL: Duration = Duration::from_micros(100);
+
 /// A lock that a panic elsewhere does not make unusable: the data behind it (a queue, the
 /// store) stays consistent between the steps that take it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -425,6 +432,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// a sparse decision (a VPN connect now and then) the hand-over to a sleeping thread and back,
 /// 0.1-0.2 ms on a VM. Whoever commits looks at the queue again after letting go of the store
 /// and wakes the writer thread for what was queued meanwhile, so no change is left behind.
+/// After a commit the writer thread looks at the queue once more, [`WRITER_POLL`] later, before
+/// it sleeps and can be woken: the changes queued meanwhile cost nobody a wake-up.
 /// The writer thread also commits changes that nobody waits for ([`StoreHandle::queue`]) and
 /// retries failed ones.
 ///
@@ -532,7 +541,11 @@ impl Shared {
     }
 
     fn writer_thread(&self) {
+        let mut just_committed = false;
         loop {
+            if just_committed {
+                std::thread::sleep(WRITER_POLL);
+            }
             let open = {
                 let mut q = lock(&self.queue);
                 if q.jobs.is_empty() && q.open {
@@ -548,11 +561,13 @@ impl Shared {
             };
             let mut w = lock(&self.writer);
             let mut failed = false;
+            let mut committed_any = false;
             loop {
                 let jobs = self.take_jobs();
                 if jobs.is_empty() && w.retry.is_empty() {
                     break;
                 }
+                committed_any = true;
                 if !self.commit_jobs(&mut w, jobs) {
                     failed = true;
                     break;
@@ -560,6 +575,7 @@ impl Shared {
             }
             let left = w.retry.len();
             drop(w);
+            just_committed = committed_any;
             // Closed: stop once everything is written, or give up on a failing disk rather
             // than spin.
             if !open && (failed || self.queue_is_empty()) {
