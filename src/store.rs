@@ -543,7 +543,7 @@ impl Shared {
     fn writer_thread(&self) {
         let mut just_committed = false;
         loop {
-            if just_committed {
+            if std::mem::take(&mut just_committed) {
                 std::thread::sleep(WRITER_POLL);
             }
             let open = {
@@ -561,13 +561,12 @@ impl Shared {
             };
             let mut w = lock(&self.writer);
             let mut failed = false;
-            let mut committed_any = false;
             loop {
                 let jobs = self.take_jobs();
                 if jobs.is_empty() && w.retry.is_empty() {
                     break;
                 }
-                committed_any = true;
+                just_committed = true;
                 if !self.commit_jobs(&mut w, jobs) {
                     failed = true;
                     break;
@@ -575,7 +574,6 @@ impl Shared {
             }
             let left = w.retry.len();
             drop(w);
-            just_committed = committed_any;
             // Closed: stop once everything is written, or give up on a failing disk rather
             // than spin.
             if !open && (failed || self.queue_is_empty()) {
