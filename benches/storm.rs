@@ -26,9 +26,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use pforte::app::DisconnectRequest;
 use pforte::client::UnixClient;
-use pforte::policy::ConnectRequest;
+use pforte::wire::ConnectRequest;
+use pforte::wire::DisconnectRequest;
 
 #[derive(Parser)]
 struct Cli {

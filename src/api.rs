@@ -22,10 +22,10 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::app::{App, ConnectResponse, DisconnectRequest};
+use crate::app::App;
 use crate::config::ServerConfig;
-use crate::policy::{ConnectRequest, Reason};
-use crate::sessions::Selector;
+use crate::session::Selector;
+use crate::wire::{ConnectRequest, ConnectResponse, DisconnectRequest, Malformed, Reason};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -370,8 +370,8 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                     let resp = api.app.connect(creq).await;
                     json_response(status_of(&resp), &resp)
                 }
-                Err(message) => {
-                    let resp = ConnectResponse::deny(&crate::policy::Denial {
+                Err(Malformed(message)) => {
+                    let resp = ConnectResponse::deny(&crate::wire::Denial {
                         reason: Reason::BadRequest,
                         message,
                     });
@@ -391,7 +391,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                     let resp = api.app.verify(creq);
                     json_response(status_of(&resp), &resp)
                 }
-                Err(m) => error(StatusCode::BAD_REQUEST, m),
+                Err(m) => error(StatusCode::BAD_REQUEST, m.0),
             }
         }
         (&Method::POST, "/v1/disconnect") => {
@@ -401,7 +401,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
             };
             let dreq = match parse_disconnect(&body) {
                 Ok(d) => d,
-                Err(m) => return error(StatusCode::BAD_REQUEST, m),
+                Err(m) => return error(StatusCode::BAD_REQUEST, m.0),
             };
             match api.app.disconnect(&dreq).await {
                 Ok(Some(s)) => json_response(
@@ -415,7 +415,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                     StatusCode::OK,
                     &json!({"result": "unknown", "message": "no live session matches; nothing to free"}),
                 ),
-                Err(m) => error(StatusCode::BAD_REQUEST, m),
+                Err(m) => error(StatusCode::BAD_REQUEST, m.0),
             }
         }
         (&Method::GET, "/v1/sessions") => {
@@ -503,17 +503,24 @@ fn is_object(body: &[u8]) -> bool {
     body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
-fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
+/// A [`Malformed`] with a formatted message.
+macro_rules! malformed {
+    ($($t:tt)*) => {
+        Malformed(format!($($t)*))
+    };
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Malformed> {
     let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| malformed!("body is not valid JSON: {e}"))?;
     match value {
         Value::Object(m) => Ok(m),
-        _ => Err("body must be a JSON object".into()),
+        _ => Err(Malformed("body must be a JSON object".into())),
     }
 }
 
 /// Parses a connect body; errors name the field.
-pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, String> {
+pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, Malformed> {
     // The common case, a well-formed body, is decoded in one pass; only a body that fails is
     // looked at again, to say which field is wrong.
     if is_object(body)
@@ -527,14 +534,15 @@ pub fn parse_connect(body: &[u8]) -> Result<ConnectRequest, String> {
         if let Some(v) = obj.get(field)
             && !v.is_string()
         {
-            return Err(format!("field `{field}` must be a string"));
+            return Err(malformed!("field `{field}` must be a string"));
         }
     }
-    serde_json::from_value(Value::Object(obj)).map_err(|e| format!("invalid connect request: {e}"))
+    serde_json::from_value(Value::Object(obj))
+        .map_err(|e| malformed!("invalid connect request: {e}"))
 }
 
 /// Parses a disconnect body; byte counts may be numbers or digit strings.
-pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
+pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, Malformed> {
     // The common case (strings, numeric counts) in one pass, as for connects; anything else
     // (counts as digit strings, a wrong type) through the field-by-field path below.
     #[derive(serde::Deserialize)]
@@ -552,7 +560,7 @@ pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
         let fields = [&w.session_id, &w.vpn, &w.instance, &w.session_key];
         if fields.iter().all(|f| {
             f.as_ref()
-                .is_none_or(|s| s.len() <= crate::policy::MAX_FIELD_LEN)
+                .is_none_or(|s| s.len() <= crate::wire::MAX_FIELD_LEN)
         }) {
             let d = DisconnectRequest {
                 session_id: w.session_id.unwrap_or_default(),
@@ -571,29 +579,29 @@ pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectRequest, String> {
 
 /// The field-by-field reading of a disconnect body: counts may be digit strings, and an error
 /// names the field.
-fn parse_disconnect_fields(body: &[u8]) -> Result<DisconnectRequest, String> {
+fn parse_disconnect_fields(body: &[u8]) -> Result<DisconnectRequest, Malformed> {
     let obj = json_object(body)?;
-    let text = |k: &str| -> Result<String, String> {
+    let text = |k: &str| -> Result<String, Malformed> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(String::new()),
-            Some(Value::String(s)) if s.len() <= crate::policy::MAX_FIELD_LEN => Ok(s.clone()),
-            Some(Value::String(_)) => Err(format!("field `{k}` is too long")),
-            Some(_) => Err(format!("field `{k}` must be a string")),
+            Some(Value::String(s)) if s.len() <= crate::wire::MAX_FIELD_LEN => Ok(s.clone()),
+            Some(Value::String(_)) => Err(malformed!("field `{k}` is too long")),
+            Some(_) => Err(malformed!("field `{k}` must be a string")),
         }
     };
-    let count = |k: &str| -> Result<Option<u64>, String> {
+    let count = |k: &str| -> Result<Option<u64>, Malformed> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => n
                 .as_u64()
                 .map(Some)
-                .ok_or_else(|| format!("field `{k}` must be a non-negative integer")),
+                .ok_or_else(|| malformed!("field `{k}` must be a non-negative integer")),
             Some(Value::String(s)) => s
                 .trim()
                 .parse()
                 .map(Some)
-                .map_err(|_| format!("field `{k}` must be a non-negative integer")),
-            Some(_) => Err(format!("field `{k}` must be a non-negative integer")),
+                .map_err(|_| malformed!("field `{k}` must be a non-negative integer")),
+            Some(_) => Err(malformed!("field `{k}` must be a non-negative integer")),
         }
     };
     let d = DisconnectRequest {
@@ -617,9 +625,10 @@ mod tests {
         assert!(
             parse_connect(b"{\"vpn\": 5}")
                 .unwrap_err()
+                .0
                 .contains("`vpn`")
         );
-        assert!(parse_connect(b"[1]").unwrap_err().contains("object"));
+        assert!(parse_connect(b"[1]").unwrap_err().0.contains("object"));
         assert!(parse_connect(b"{\"vpn\": \"openvpn\"").is_err());
         assert!(parse_connect(&[0xff, 0xfe]).is_err());
         let ok = parse_connect(b"{\"vpn\":\"openvpn\",\"zone\":null,\"extra\":1}").unwrap();
@@ -636,6 +645,7 @@ mod tests {
         assert!(
             parse_disconnect(b"{\"session_id\":\"x\",\"bytes_sent\":-3}")
                 .unwrap_err()
+                .0
                 .contains("bytes_sent")
         );
     }
@@ -643,7 +653,7 @@ mod tests {
     /// The one-pass reading of a disconnect gives what the field-by-field reading gives.
     #[test]
     fn disconnect_fast_path_agrees_with_the_field_by_field_path() {
-        let long = "k".repeat(crate::policy::MAX_FIELD_LEN + 1);
+        let long = "k".repeat(crate::wire::MAX_FIELD_LEN + 1);
         let bodies = [
             r#"{"vpn":"openvpn","instance":"a","session_key":"1.2.3.4:5@6","bytes_received":1,"bytes_sent":2}"#.to_string(),
             r#"{"session_id":"s-1"}"#.to_string(),

@@ -1,112 +1,21 @@
 //! The daemon's operations, shared by the HTTP API and the VPN integrations: connect,
 //! disconnect, kill, reload. Each records metrics and the audit log.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::audit::{Audit, AuditRecord};
 use crate::metrics::Metrics;
-use crate::policy::{self, ConnectRequest, Denial, Reason};
+use crate::policy;
 use crate::registry::Status;
-use crate::sessions::{Selector, Session, Sessions, Unpersisted};
+use crate::session::{Selector, Session};
+use crate::sessions::{Sessions, Unpersisted};
 use crate::state::{LoadError, State, unix_now};
-
-/// Address configuration pushed to an allowed client.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ifconfig {
-    /// The client's tunnel address.
-    pub ip: IpAddr,
-    /// Netmask of the pool (IPv4) or prefix length form.
-    pub netmask: String,
-    /// Prefix length of the pool.
-    pub prefix_len: u8,
-}
-
-/// What to push to an allowed client.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Push {
-    /// Address from the zone's pool, where the zone has one.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ifconfig: Option<Ifconfig>,
-    /// Routes the device's clearance permits.
-    #[serde(default)]
-    pub routes: Vec<IpNet>,
-}
-
-/// The answer to a connect (`POST /v1/connect`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ConnectResponse {
-    /// `allow` or `deny`.
-    pub decision: String,
-    /// The reason code, on deny.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub reason: Option<Reason>,
-    /// One human sentence.
-    pub message: String,
-    /// The session id, on allow.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub session_id: Option<String>,
-    /// What to push, on allow.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub push: Option<Push>,
-}
-
-impl ConnectResponse {
-    /// A refusal.
-    pub fn deny(d: &Denial) -> ConnectResponse {
-        ConnectResponse {
-            decision: "deny".into(),
-            reason: Some(d.reason),
-            message: d.message.clone(),
-            session_id: None,
-            push: None,
-        }
-    }
-
-    /// Whether it allows.
-    pub fn allowed(&self) -> bool {
-        self.decision == "allow"
-    }
-}
-
-/// A disconnect (`POST /v1/disconnect`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DisconnectRequest {
-    /// pforte's session id.
-    pub session_id: String,
-    /// VPN kind (with instance and session_key, instead of session_id).
-    pub vpn: String,
-    /// Instance.
-    pub instance: String,
-    /// The VPN's key.
-    pub session_key: String,
-    /// Final bytes received from the client.
-    pub bytes_received: Option<u64>,
-    /// Final bytes sent to the client.
-    pub bytes_sent: Option<u64>,
-}
-
-impl DisconnectRequest {
-    /// The session it names, or why it names none.
-    pub fn selector(&self) -> Result<Selector, String> {
-        if !self.session_id.is_empty() {
-            return Ok(Selector::Id(self.session_id.clone()));
-        }
-        if self.vpn.is_empty() || self.session_key.is_empty() {
-            return Err("give `session_id`, or `vpn`, `instance` and `session_key`".to_string());
-        }
-        Ok(Selector::Key {
-            vpn: self.vpn.clone(),
-            instance: self.instance.clone(),
-            session_key: self.session_key.clone(),
-        })
-    }
-}
+use crate::wire::{
+    ConnectRequest, ConnectResponse, Decision, DisconnectRequest, Ifconfig, Malformed, Push, Reason,
+};
 
 /// A connect decided up to its commit.
 enum Decided {
@@ -259,7 +168,7 @@ impl App {
             Ok((adm, admitted)) => {
                 let session = &admitted.session;
                 let response = ConnectResponse {
-                    decision: "allow".into(),
+                    decision: Decision::Allow,
                     reason: None,
                     message: format!(
                         "Device {} admitted to zone {} for user {}.",
@@ -302,7 +211,7 @@ impl App {
         });
         match outcome {
             Ok(()) => ConnectResponse {
-                decision: "allow".into(),
+                decision: Decision::Allow,
                 reason: None,
                 message: "Device checks passed.".into(),
                 session_id: None,
@@ -343,7 +252,7 @@ impl App {
 
     /// Ends a session reported gone by the VPN server. `None`: unknown (answered, not an
     /// error: OpenVPN also runs client-disconnect after a refused client-connect).
-    pub async fn disconnect(&self, req: &DisconnectRequest) -> Result<Option<Session>, String> {
+    pub async fn disconnect(&self, req: &DisconnectRequest) -> Result<Option<Session>, Malformed> {
         let sel = req.selector()?;
         let bytes = match (req.bytes_received, req.bytes_sent) {
             (Some(rx), Some(tx)) => Some((rx, tx)),
@@ -412,7 +321,11 @@ impl App {
         match result {
             Ok(snap) => {
                 self.metrics.apply_rules(&snap.rules);
-                self.metrics.apply_registry(&snap.registry, snap.loaded_at);
+                self.metrics.apply_registry(
+                    snap.registry.device_counts(),
+                    snap.registry.user_count(),
+                    snap.loaded_at,
+                );
                 self.sessions.set_pools(
                     snap.rules
                         .zones

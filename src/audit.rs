@@ -12,10 +12,10 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::app::ConnectResponse;
 use crate::metrics::Metrics;
-use crate::policy::ConnectRequest;
-use crate::sessions::Session;
+use crate::session::Session;
+use crate::wire::ConnectRequest;
+use crate::wire::ConnectResponse;
 
 /// One line of the audit log.
 #[derive(Debug, Serialize)]

@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 
 use crate::config;
-use crate::policy::{self, ConnectRequest};
+use crate::policy;
 use crate::state;
+use crate::wire::ConnectRequest;
 
 /// Exit code: the connection would be allowed.
 pub const ALLOWED: i32 = 0;

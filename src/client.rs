@@ -16,8 +16,8 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, setsockopt, 
 use nix::sys::time::{TimeVal, TimeValLike};
 use tokio::net::UnixStream;
 
-use crate::app::{ConnectResponse, DisconnectRequest};
-use crate::policy::ConnectRequest;
+use crate::wire::ConnectRequest;
+use crate::wire::{ConnectResponse, DisconnectRequest};
 
 /// A client error.
 #[derive(Debug, thiserror::Error)]

@@ -274,7 +274,16 @@ pub struct StoreConfig {
     /// What a failed write does to a connect.
     pub fail_mode: FailMode,
     /// How hard a commit waits for the disk.
-    pub durability: crate::store::Durability,
+    pub durability: Durability,
+}
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit survives a power cut.
+    Full,
+    /// `synchronous=NORMAL`: a commit survives a crash of pforte (kill -9), not a power cut.
+    Normal,
 }
 
 /// What to do with private devices.
@@ -539,8 +548,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
             }
         },
         durability: match raw.store.synchronous.as_deref().unwrap_or("normal") {
-            "full" => crate::store::Durability::Full,
-            "normal" => crate::store::Durability::Normal,
+            "full" => Durability::Full,
+            "normal" => Durability::Normal,
             other => {
                 return Err(bad(
                     "store.synchronous",

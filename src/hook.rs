@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::app::ConnectResponse;
 use crate::client::{ClientError, request_once};
 use crate::vpn::openvpn::{self, HookSettings};
+use crate::wire::ConnectResponse;
 
 /// Exit code that accepts.
 pub const ACCEPT: i32 = 0;

@@ -17,10 +17,16 @@ pub mod client;
 pub mod config;
 pub mod hook;
 pub mod metrics;
+pub mod net;
 pub mod policy;
 pub mod registry;
 pub mod serve;
+pub mod session;
 pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod vpn;
+pub mod wire;
+
+#[cfg(test)]
+mod layers;

@@ -10,8 +10,7 @@ use prometheus::{
 };
 
 use crate::config::Rules;
-use crate::policy::Reason;
-use crate::registry::{Ownership, Status};
+use crate::wire::Reason;
 
 /// Every metric pforte exports.
 #[derive(Clone)]
@@ -281,20 +280,19 @@ impl Metrics {
         }
     }
 
-    /// Sets the registry gauges.
-    pub fn apply_registry(&self, registry: &crate::registry::Registry, loaded_at_unix: i64) {
-        let mut counts = std::collections::HashMap::new();
-        for d in registry.devices() {
-            *counts.entry((d.ownership, d.status)).or_insert(0i64) += 1;
+    /// Sets the registry gauges: devices by (ownership, status) label pair, users, load time.
+    pub fn apply_registry<'a>(
+        &self,
+        devices: impl IntoIterator<Item = ((&'a str, &'a str), i64)>,
+        users: usize,
+        loaded_at_unix: i64,
+    ) {
+        for ((ownership, status), n) in devices {
+            self.registry_devices
+                .with_label_values(&[ownership, status])
+                .set(n);
         }
-        for o in [Ownership::Service, Ownership::Private] {
-            for s in Status::ALL {
-                self.registry_devices
-                    .with_label_values(&[o.as_str(), s.as_str()])
-                    .set(counts.get(&(o, s)).copied().unwrap_or(0));
-            }
-        }
-        self.registry_users.set(registry.user_count() as i64);
+        self.registry_users.set(users as i64);
         self.registry_last_success.set(loaded_at_unix);
     }
 

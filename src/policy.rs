@@ -6,161 +6,17 @@ use std::net::{IpAddr, SocketAddr};
 
 use chrono::NaiveDate;
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::config::{Capacity, PrivateDevices, Rules};
 use crate::registry::{
     Device, HwAddr, Ownership, Registry, Status, normalize_serial, parse_sha256,
 };
-
-/// Why a connection was refused. The snake_case codes are a contract (README, metric labels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// Required fields missing or malformed.
-    BadRequest,
-    /// No registry entry for the certificate.
-    UnregisteredDevice,
-    /// Registered hardware address does not match.
-    DeviceMismatch,
-    /// A private device.
-    PrivateDevice,
-    /// Lost, stolen, retired or blocked.
-    DeviceBlocked,
-    /// Disk encryption not recorded.
-    NotEncrypted,
-    /// Last patch too old.
-    PatchOverdue,
-    /// User unknown and no default org unit.
-    UnknownUser,
-    /// Device assigned to other users.
-    UserNotAssigned,
-    /// Level above the remote ceiling without exception.
-    RemoteWorkNotPermitted,
-    /// Device cleared for a lower level.
-    DeviceClearance,
-    /// Zone not configured.
-    UnknownZone,
-    /// All seats taken.
-    CapacityFull,
-    /// Org unit quota used up.
-    OrgUnitQuota,
-    /// User has the maximum number of sessions.
-    UserSessionLimit,
-    /// The session store cannot record the session and the fail mode is closed.
-    StoreUnavailable,
-}
-
-impl Reason {
-    /// Every reason, in the order the checks run.
-    pub const ALL: [Reason; 16] = [
-        Reason::BadRequest,
-        Reason::UnregisteredDevice,
-        Reason::DeviceMismatch,
-        Reason::PrivateDevice,
-        Reason::DeviceBlocked,
-        Reason::NotEncrypted,
-        Reason::PatchOverdue,
-        Reason::UnknownUser,
-        Reason::UserNotAssigned,
-        Reason::RemoteWorkNotPermitted,
-        Reason::DeviceClearance,
-        Reason::UnknownZone,
-        Reason::CapacityFull,
-        Reason::OrgUnitQuota,
-        Reason::UserSessionLimit,
-        Reason::StoreUnavailable,
-    ];
-
-    /// The stable code.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::BadRequest => "bad_request",
-            Reason::UnregisteredDevice => "unregistered_device",
-            Reason::DeviceMismatch => "device_mismatch",
-            Reason::PrivateDevice => "private_device",
-            Reason::DeviceBlocked => "device_blocked",
-            Reason::NotEncrypted => "not_encrypted",
-            Reason::PatchOverdue => "patch_overdue",
-            Reason::UnknownUser => "unknown_user",
-            Reason::UserNotAssigned => "user_not_assigned",
-            Reason::RemoteWorkNotPermitted => "remote_work_not_permitted",
-            Reason::DeviceClearance => "device_clearance",
-            Reason::UnknownZone => "unknown_zone",
-            Reason::CapacityFull => "capacity_full",
-            Reason::OrgUnitQuota => "org_unit_quota",
-            Reason::UserSessionLimit => "user_session_limit",
-            Reason::StoreUnavailable => "store_unavailable",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A refusal: the code and one human sentence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    /// The code.
-    pub reason: Reason,
-    /// One sentence a help desk can read out.
-    pub message: String,
-}
+use crate::wire::{ConnectRequest, Denial, MAX_FIELD_LEN, Reason, VPN_KINDS};
 
 fn deny(reason: Reason, message: impl Into<String>) -> Denial {
     Denial {
         reason,
         message: message.into(),
-    }
-}
-
-/// The VPN kinds pforte knows.
-pub const VPN_KINDS: [&str; 4] = ["openvpn", "strongswan", "ocserv", "other"];
-
-/// Longest accepted value of any request field.
-pub const MAX_FIELD_LEN: usize = 1024;
-
-/// What the VPN knows about a connection (`POST /v1/connect`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ConnectRequest {
-    /// openvpn | strongswan | ocserv | other.
-    pub vpn: String,
-    /// VPN server instance.
-    pub instance: String,
-    /// Zone asked for.
-    pub zone: String,
-    /// Login name (falls back to the certificate common name).
-    pub username: String,
-    /// Certificate common name.
-    pub common_name: String,
-    /// Certificate SHA-256 fingerprint.
-    pub cert_sha256: String,
-    /// Certificate serial.
-    pub cert_serial: String,
-    /// Hardware address reported by the client.
-    pub hwaddr: String,
-    /// Client platform.
-    pub platform: String,
-    /// Real remote address, ip:port.
-    pub remote_addr: String,
-    /// Tunnel address the VPN picked.
-    pub tunnel_ip: String,
-    /// The VPN's own key for the session.
-    pub session_key: String,
-}
-
-impl ConnectRequest {
-    /// The user's identity: the login name, else the certificate common name.
-    pub fn identity(&self) -> &str {
-        if self.username.is_empty() {
-            &self.common_name
-        } else {
-            &self.username
-        }
     }
 }
 

@@ -509,6 +509,22 @@ impl Registry {
         &self.devices
     }
 
+    /// Devices by (ownership, status) label pair, every pair listed (zero where none).
+    pub fn device_counts(&self) -> Vec<((&'static str, &'static str), i64)> {
+        let mut counts = std::collections::HashMap::new();
+        for d in self.devices() {
+            *counts.entry((d.ownership, d.status)).or_insert(0i64) += 1;
+        }
+        let mut all = Vec::new();
+        for o in [Ownership::Service, Ownership::Private] {
+            for s in Status::ALL {
+                let n = counts.get(&(o, s)).copied().unwrap_or(0);
+                all.push(((o.as_str(), s.as_str()), n));
+            }
+        }
+        all
+    }
+
     /// Number of users.
     pub fn user_count(&self) -> usize {
         self.users.len()

@@ -1,8 +1,6 @@
 //! `pforte serve`: binds the listeners, loads the state and the stored sessions, runs the API
 //! and the background tasks, and drains on shutdown.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,19 +15,14 @@ use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::state::{self, State};
 use crate::store::{self, SessionStore, SqliteStore};
-use crate::{bandwidth, vpn};
+use crate::{bandwidth, net, vpn};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A listener could not be bound.
-    #[error("cannot listen on {what}: {source}")]
-    Bind {
-        /// Address or socket path.
-        what: String,
-        /// Cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] net::BindError),
     /// Config or registry.
     #[error(transparent)]
     Load(#[from] state::LoadError),
@@ -53,47 +46,14 @@ pub struct Listeners {
 /// mode right after binding.
 pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServeError> {
     let unix = match &server.socket {
-        Some(path) => Some(bind_unix(path, server.socket_mode)?),
+        Some(path) => Some(net::bind_unix(path, server.socket_mode)?),
         None => None,
     };
     let tcp = match server.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    what: addr.to_string(),
-                    source,
-                })?,
-        ),
+        Some(addr) => Some(net::bind_tcp(addr)?),
         None => None,
     };
     Ok(Listeners { tcp, unix })
-}
-
-/// Binds a Unix socket: removes a stale socket file first, sets the mode right after.
-pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
-    let err = |source| ServeError::Bind {
-        what: path.display().to_string(),
-        source,
-    };
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(err)?;
-        } else {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket; not removing it",
-            )));
-        }
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    Ok(listener)
 }
 
 /// How the caller steers a running daemon.
@@ -120,7 +80,11 @@ pub async fn run(
         .await
         .map_err(|e| ServeError::Start(format!("loading the registry: {e}")))??;
     metrics.apply_rules(&snapshot.rules);
-    metrics.apply_registry(&snapshot.registry, snapshot.loaded_at);
+    metrics.apply_registry(
+        snapshot.registry.device_counts(),
+        snapshot.registry.user_count(),
+        snapshot.loaded_at,
+    );
     tracing::info!(
         devices = snapshot.registry.devices().len(),
         users = snapshot.registry.user_count(),

@@ -17,8 +17,9 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
 use crate::audit::Audit;
+use crate::config::Durability;
 use crate::metrics::Metrics;
-use crate::sessions::Session;
+use crate::session::Session;
 
 /// A store error.
 #[derive(Debug, thiserror::Error)]
@@ -77,15 +78,6 @@ impl WalFrames {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
-}
-
-/// How hard a commit waits for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// `synchronous=FULL`: a commit survives a power cut.
-    Full,
-    /// `synchronous=NORMAL`: a commit survives a crash of pforte (kill -9), not a power cut.
-    Normal,
 }
 
 impl SqliteStore {

@@ -12,13 +12,14 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use chrono::NaiveDate;
-use pforte::app::{Ifconfig, Push};
 use pforte::config::{PrivateDevices, Rules};
-use pforte::policy::{self, Admission, ConnectRequest, Denial, Reason};
+use pforte::policy::{self, Admission};
 use pforte::registry::{self as reg, Device, Ownership, Registry, Status, User};
 use pforte::vpn::management::{self, ClientEventKind, Event, Parser};
 use pforte::vpn::openvpn::{self, HookSettings};
 use pforte::vpn::openvpn_mgmt;
+use pforte::wire::{ConnectRequest, Denial, Reason};
+use pforte::wire::{Ifconfig, Push};
 
 const EXAMPLE_CONFIG: &str = include_str!("../../config/pforte.toml");
 const EXAMPLE_DEVICES: &[u8] = include_bytes!("../../config/devices.csv");
@@ -225,10 +226,10 @@ fn check_valid_request(req: &ConnectRequest) {
         &req.tunnel_ip,
         &req.session_key,
     ] {
-        assert!(v.len() <= policy::MAX_FIELD_LEN);
+        assert!(v.len() <= pforte::wire::MAX_FIELD_LEN);
         assert!(!v.chars().any(char::is_control));
     }
-    assert!(policy::VPN_KINDS.contains(&req.vpn.as_str()));
+    assert!(pforte::wire::VPN_KINDS.contains(&req.vpn.as_str()));
     assert!(!req.zone.is_empty());
     assert!(!req.identity().is_empty());
 }
@@ -634,16 +635,16 @@ pub fn api_bodies(data: &[u8]) {
             assert_eq!(reparsed.as_ref().ok(), Some(&req), "{reparsed:?}");
             let _ = decide(&req);
         }
-        Err(e) => assert!(!e.is_empty()),
+        Err(e) => assert!(!e.0.is_empty()),
     }
     match pforte::api::parse_disconnect(data) {
         Ok(d) => {
             assert!(d.selector().is_ok());
             for v in [&d.session_id, &d.vpn, &d.instance, &d.session_key] {
-                assert!(v.len() <= policy::MAX_FIELD_LEN);
+                assert!(v.len() <= pforte::wire::MAX_FIELD_LEN);
             }
         }
-        Err(e) => assert!(!e.is_empty()),
+        Err(e) => assert!(!e.0.is_empty()),
     }
 }
 

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::app::{DisconnectRequest, Push};
-use crate::policy::ConnectRequest;
+use crate::wire::ConnectRequest;
+use crate::wire::{DisconnectRequest, Push};
 
 /// Where the hook's settings come from: flags, else OpenVPN `setenv` variables.
 #[derive(Debug, Clone, Default)]
@@ -111,7 +111,7 @@ pub fn dynamic_config(push: &Push) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::Ifconfig;
+    use crate::wire::Ifconfig;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -20,15 +20,16 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::app::{App, DisconnectRequest};
+use crate::app::App;
 use crate::config::OpenvpnInstance;
-use crate::sessions::{KillRequest, Selector};
+use crate::session::{KillRequest, Selector};
 use crate::state::unix_now;
 use crate::vpn::management::{
     ClientEvent, ClientEventKind, Event, MAX_LINE, Parser, StatusClient, ends_reply, parse_status,
     quote,
 };
 use crate::vpn::openvpn::{self, HookSettings};
+use crate::wire::DisconnectRequest;
 
 /// Sessions younger than this are not reaped (a connect may still be in flight).
 const REAP_GRACE_S: i64 = 10;
@@ -66,7 +67,7 @@ pub async fn run(inst: OpenvpnInstance, app: Arc<App>, mut shutdown: watch::Rece
     };
     let (pass_tx, mut pass_rx) = mpsc::channel::<PassRequest>(64);
     if let Some(p) = &inst.passthrough {
-        match crate::serve::bind_unix(p, 0o660) {
+        match crate::net::bind_unix(p, 0o660) {
             Ok(listener) => {
                 tokio::spawn(passthrough(listener, pass_tx.clone(), shutdown.clone()));
             }
@@ -432,7 +433,7 @@ impl<'a> Conn<'a> {
         &mut self,
         cid: u64,
         kid: u64,
-        resp: &crate::app::ConnectResponse,
+        resp: &crate::wire::ConnectResponse,
     ) -> std::io::Result<()> {
         let reason = resp.reason.map(|r| r.as_str()).unwrap_or("refused");
         let cmd = format!(

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use hyper::Method;
 use nix::sys::signal::Signal;
-use pforte::app::DisconnectRequest;
-use pforte::policy::ConnectRequest;
+use pforte::wire::ConnectRequest;
+use pforte::wire::DisconnectRequest;
 
 use crate::common::*;
 
@@ -224,7 +224,7 @@ async fn reserved_seats_quota_and_user_limit() {
     );
     let d = f.start();
     let mut c = d.client().await;
-    let reason = |r: &pforte::app::ConnectResponse| {
+    let reason = |r: &pforte::wire::ConnectResponse| {
         r.reason
             .map(|x| x.as_str().to_string())
             .unwrap_or_else(|| "allowed".into())

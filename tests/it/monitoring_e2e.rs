@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pforte::app::DisconnectRequest;
+use pforte::wire::DisconnectRequest;
 use serde_json::Value;
 
 use crate::common::*;

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pforte::client::UnixClient;
-use pforte::policy::ConnectRequest;
+use pforte::wire::ConnectRequest;
 
 /// The binary under test.
 pub fn bin() -> PathBuf {
