@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::app::App;
@@ -136,50 +136,60 @@ fn peer_allowed(stream: &UnixStream, server: &ServerConfig) -> Result<(), String
     }
 }
 
-/// Serves the Unix socket until `shutdown` changes, then drains.
-pub async fn serve_unix(
-    listener: UnixListener,
-    api: Arc<Api>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(api.server.max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(%e, "unix accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        if let Err(why) = peer_allowed(&stream, &api.server) {
-            tracing::warn!(%why, "unix socket peer refused");
-            continue;
-        }
-        let api2 = api.clone();
-        let svc = hyper::service::service_fn(move |req| handle(api2.clone(), Origin::Unix, req));
-        let conn = api.builder().serve_connection(TokioIo::new(stream), svc);
-        let fut = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = fut.await {
-                tracing::debug!(%e, "unix connection ended with an error");
-            }
-        });
+/// A listening socket the API serves: how it accepts, and which peers it keeps.
+trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    const ORIGIN: Origin;
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// Whether to serve this peer.
+    fn admit(stream: &Self::Stream, server: &ServerConfig) -> bool;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    const ORIGIN: Origin = Origin::Unix;
+    async fn accept_stream(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
     }
-    drain(graceful).await;
+    /// Peers not on the allow-list are closed at once.
+    fn admit(stream: &UnixStream, server: &ServerConfig) -> bool {
+        match peer_allowed(stream, server) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(%why, "unix socket peer refused");
+                false
+            }
+        }
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    const ORIGIN: Origin = Origin::Tcp;
+    async fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+    fn admit(stream: &TcpStream, _: &ServerConfig) -> bool {
+        let _ = stream.set_nodelay(true);
+        true
+    }
+}
+
+/// Serves the Unix socket until `shutdown` changes, then drains.
+pub async fn serve_unix(listener: UnixListener, api: Arc<Api>, shutdown: watch::Receiver<bool>) {
+    serve(listener, api, shutdown).await;
 }
 
 /// Serves TCP until `shutdown` changes, then drains.
-pub async fn serve_tcp(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_tcp(listener: TcpListener, api: Arc<Api>, shutdown: watch::Receiver<bool>) {
+    serve(listener, api, shutdown).await;
+}
+
+/// The accept loop both listeners share: at most `max_connections` at once, each connection in
+/// its own task, a failed accept (out of file descriptors, say) retried after a pause, and on
+/// shutdown a drain with a deadline.
+async fn serve<L: Listener>(listener: L, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
+    let origin = L::ORIGIN;
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(api.server.max_connections));
     loop {
@@ -188,25 +198,27 @@ pub async fn serve_tcp(listener: TcpListener, api: Arc<Api>, mut shutdown: watch
             _ = shutdown.changed() => break,
         };
         let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = listener.accept_stream() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(%e, "tcp accept failed");
+                    tracing::warn!(%e, ?origin, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => break,
         };
-        let _ = stream.set_nodelay(true);
+        if !L::admit(&stream, &api.server) {
+            continue;
+        }
         let api2 = api.clone();
-        let svc = hyper::service::service_fn(move |req| handle(api2.clone(), Origin::Tcp, req));
+        let svc = hyper::service::service_fn(move |req| handle(api2.clone(), origin, req));
         let conn = api.builder().serve_connection(TokioIo::new(stream), svc);
         let fut = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = fut.await {
-                tracing::debug!(%e, "tcp connection ended with an error");
+                tracing::debug!(%e, ?origin, "connection ended with an error");
             }
         });
     }

@@ -309,15 +309,7 @@ impl App {
         let state = self.state.clone();
         let result = tokio::task::spawn_blocking(move || state.reload())
             .await
-            .unwrap_or_else(|e| {
-                Err(LoadError::Registry(
-                    crate::registry::RegistryError::Invalid {
-                        file: "-".into(),
-                        line: 0,
-                        problem: format!("reload task failed: {e}"),
-                    },
-                ))
-            });
+            .unwrap_or_else(|e| Err(LoadError::Interrupted(e.to_string())));
         match result {
             Ok(snap) => {
                 self.metrics.apply_rules(&snap.rules);

@@ -264,7 +264,7 @@ impl Audit {
         if lines.is_empty() {
             return;
         }
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = crate::sync::lock(&self.writer);
         if w.size + lines.len() as u64 > self.max_bytes
             && let Err(e) = self.rotate(&mut w)
         {

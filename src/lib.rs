@@ -25,6 +25,7 @@ pub mod session;
 pub mod sessions;
 pub mod state;
 pub mod store;
+pub mod sync;
 pub mod vpn;
 pub mod wire;
 

@@ -146,9 +146,7 @@ impl Sessions {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        // A poisoned lock means a panic while holding it; the table itself is still consistent
-        // at every await-free step, so carry on rather than take the gate down.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.table)
     }
 
     /// The store handle (for flushing at shutdown).

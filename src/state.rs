@@ -24,6 +24,9 @@ pub enum LoadError {
     /// A file anyone may write.
     #[error("{0}: writable by every user; refusing to trust it (chmod o-w)")]
     WorldWritable(String),
+    /// The reload's worker thread failed before it could say why (it panicked or was cancelled).
+    #[error("the reload did not finish: {0}")]
+    Interrupted(String),
 }
 
 /// Everything one decision reads, consistent with itself.
@@ -143,20 +146,20 @@ impl State {
         let stamps = FileStamps::of(&watched(&config));
         let snapshot = Arc::new(build_paced(&config, true)?);
         self.current.store(snapshot.clone());
-        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        *crate::sync::lock(&self.stamps) = stamps;
         Ok(snapshot)
     }
 
     /// Whether any watched file changed since the last successful load (or failed attempt:
     /// `mark_seen` records those, so a broken file is reported once, not every few seconds).
     pub fn files_changed(&self) -> bool {
-        let stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let stamps = crate::sync::lock(&self.stamps);
         stamps.refresh() != *stamps
     }
 
     /// Records the files as they are now.
     pub fn mark_seen(&self) {
-        let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stamps = crate::sync::lock(&self.stamps);
         *stamps = stamps.refresh();
     }
 }

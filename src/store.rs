@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::audit::Audit;
 use crate::config::Durability;
 use crate::metrics::Metrics;
 use crate::session::Session;
+use crate::sync::{lock, try_lock, wait_timeout};
 
 /// A store error.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,17 @@ pub enum StoreError {
     /// The writer thread is gone.
     #[error("session store writer has stopped")]
     Stopped,
+}
+
+/// Why a change was not committed. Cloned to every caller that waited on the same batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The writer thread is gone.
+    #[error("session store writer has stopped")]
+    Stopped,
+    /// The batch holding the change failed.
+    #[error(transparent)]
+    Failed(Arc<StoreError>),
 }
 
 /// One change to the persisted session table.
@@ -320,7 +332,7 @@ pub fn spawn_checkpointer(
     Ok(runs)
 }
 
-type Ack = oneshot::Sender<Result<(), String>>;
+type Ack = oneshot::Sender<Result<(), CommitError>>;
 
 enum Job {
     /// A change, who waits for its commit, and its audit line.
@@ -409,12 +421,6 @@ const IDLE_GAP: Duration = Duration::from_millis(1);
 /// thread of answers (300 µs: fewer pairs/s than none); docs/BENCHMARKS.md.
 const WRITER_POLL: Duration = Duration::from_micros(100);
 
-/// A lock that a panic elsewhere does not make unusable: the data behind it (a queue, the
-/// store) stays consistent between the steps that take it.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Starts the store's writer thread.
 ///
 /// Group commit: the writer thread takes everything queued at that moment into one
@@ -493,11 +499,9 @@ impl Shared {
             self.wake_writer();
             return;
         }
-        let mut w = match self.writer.try_lock() {
-            Ok(w) => w,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            // Whoever holds it looks at the queue after letting go.
-            Err(TryLockError::WouldBlock) => return,
+        // Whoever holds it looks at the queue after letting go.
+        let Some(mut w) = try_lock(&self.writer) else {
+            return;
         };
         let jobs = self.take_jobs();
         if !jobs.is_empty() {
@@ -542,11 +546,7 @@ impl Shared {
                 let mut q = lock(&self.queue);
                 if q.jobs.is_empty() && q.open {
                     q.sleeping = true;
-                    q = self
-                        .wake
-                        .wait_timeout(q, Duration::from_millis(500))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    q = wait_timeout(&self.wake, q, Duration::from_millis(500));
                     q.sleeping = false;
                 }
                 q.open
@@ -648,6 +648,7 @@ impl Shared {
                     }
                 }
                 tracing::error!(error = %e, changes = ops.len(), "session store commit failed");
+                let e = CommitError::Failed(Arc::new(e));
                 let acked: std::collections::HashSet<usize> =
                     acks.iter().map(|(i, _)| *i).collect();
                 // Inserts that someone waits for are answered (the caller undoes them);
@@ -659,10 +660,10 @@ impl Shared {
                     .map(|(_, op)| op)
                     .collect();
                 for (_, ack) in acks {
-                    let _ = ack.send(Err(e.to_string()));
+                    let _ = ack.send(Err(e.clone()));
                 }
                 for f in flushes {
-                    let _ = f.send(Err(e.to_string()));
+                    let _ = f.send(Err(e.clone()));
                 }
                 false
             }
@@ -671,10 +672,10 @@ impl Shared {
 }
 
 impl StoreHandle {
-    fn push(&self, job: Job) -> Result<(), String> {
+    fn push(&self, job: Job) -> Result<(), CommitError> {
         let mut q = lock(&self.token.0.queue);
         if !q.open {
-            return Err(StoreError::Stopped.to_string());
+            return Err(CommitError::Stopped);
         }
         q.jobs.push(job);
         Ok(())
@@ -682,11 +683,15 @@ impl StoreHandle {
 
     /// Queues a change (with its audit line) and waits for its commit, committing it (and
     /// whatever else is queued) on this thread if nobody else is committing.
-    pub async fn commit(&self, op: StoreOp, audit_line: Option<Vec<u8>>) -> Result<(), String> {
+    pub async fn commit(
+        &self,
+        op: StoreOp,
+        audit_line: Option<Vec<u8>>,
+    ) -> Result<(), CommitError> {
         let (tx, rx) = oneshot::channel();
         self.push(Job::Op(op, Some(tx), audit_line))?;
         self.token.0.commit_here_if_idle();
-        rx.await.map_err(|_| StoreError::Stopped.to_string())?
+        rx.await.map_err(|_| CommitError::Stopped)?
     }
 
     /// Queues a change (with its audit line) without waiting; the writer thread commits it.
@@ -699,11 +704,11 @@ impl StoreHandle {
     }
 
     /// Waits until everything queued so far is committed.
-    pub async fn flush(&self) -> Result<(), String> {
+    pub async fn flush(&self) -> Result<(), CommitError> {
         let (tx, rx) = oneshot::channel();
         self.push(Job::Flush(tx))?;
         self.token.0.commit_here_if_idle();
-        rx.await.map_err(|_| StoreError::Stopped.to_string())?
+        rx.await.map_err(|_| CommitError::Stopped)?
     }
 }
 
