@@ -3,6 +3,7 @@
 pub mod management;
 pub mod openvpn;
 pub mod openvpn_mgmt;
+pub mod radius;
 
 use std::sync::Arc;
 

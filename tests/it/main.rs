@@ -13,3 +13,4 @@ mod monitoring_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
+mod radius_codec;
