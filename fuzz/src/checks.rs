@@ -15,9 +15,9 @@ use chrono::NaiveDate;
 use pforte::config::{PrivateDevices, Rules};
 use pforte::policy::{self, Admission};
 use pforte::registry::{self as reg, Device, Ownership, Registry, Status, User};
-use pforte::vpn::management::{self, ClientEventKind, Event, Parser};
+use pforte::vpn::openvpn::management::{self, ClientEventKind, Event, Parser};
+use pforte::vpn::openvpn::mgmt;
 use pforte::vpn::openvpn::{self, HookSettings};
-use pforte::vpn::openvpn_mgmt;
 use pforte::wire::{ConnectRequest, Denial, Reason};
 use pforte::wire::{Ifconfig, Push};
 
@@ -676,7 +676,7 @@ pub fn mgmt_lines(data: &[u8]) {
                 if matches!(ev.kind, ClientEventKind::Connect | ClientEventKind::Reauth) {
                     let real = openvpn::remote_addr(&ev.env);
                     let mut req = openvpn::connect_request(&ev.env, &settings);
-                    req.session_key = openvpn_mgmt::auth_key(&real, ev.cid);
+                    req.session_key = mgmt::auth_key(&real, ev.cid);
                     let kid = ev.kid.unwrap_or(0);
                     let command = match decide(&req) {
                         Ok(adm) => format!(
@@ -706,7 +706,7 @@ pub fn mgmt_lines(data: &[u8]) {
         }
     }
     for c in management::parse_status(&lines) {
-        let _ = openvpn_mgmt::script_key(&c.real_address, c.connected_since);
+        let _ = mgmt::script_key(&c.real_address, c.connected_since);
     }
 }
 

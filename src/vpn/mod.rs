@@ -1,8 +1,6 @@
 //! VPN server integrations.
 
-pub mod management;
 pub mod openvpn;
-pub mod openvpn_mgmt;
 pub mod radius;
 
 use std::sync::Arc;
@@ -22,7 +20,7 @@ pub fn spawn_all(
 ) {
     for instance in &config.openvpn {
         if instance.management.is_some() {
-            tasks.spawn(openvpn_mgmt::run(
+            tasks.spawn(openvpn::mgmt::run(
                 instance.clone(),
                 app.clone(),
                 shutdown.clone(),

@@ -1,6 +1,9 @@
 //! OpenVPN: its script environment to pforte's requests and back to a client-connect dynamic
 //! config file. Pure functions, so they can be tested and fuzzed alone.
 
+pub mod management;
+pub mod mgmt;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 

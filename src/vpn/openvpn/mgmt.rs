@@ -24,7 +24,7 @@ use crate::app::App;
 use crate::config::OpenvpnInstance;
 use crate::session::{KillRequest, Selector};
 use crate::state::unix_now;
-use crate::vpn::management::{
+use crate::vpn::openvpn::management::{
     ClientEvent, ClientEventKind, Event, MAX_LINE, Parser, StatusClient, ends_reply, parse_status,
     quote,
 };
