@@ -5,8 +5,12 @@
 //! data-protection levels and capacity, keeps the live session table (persisted in SQLite), and
 //! exports session and bandwidth figures to Prometheus.
 //!
-//! The crate is a library with a thin `main`: each module is one concern.
-#![warn(missing_docs)]
+//! Layers, from the entry points down (imports point only down; `cargo test --lib layers`
+//! checks it): entry points (`serve`, `hook`, `check`) → transports (`api`, `client`, `vpn`) →
+//! operations (`app`) → domain (`policy`, `sessions`, `registry`, `state`) → infrastructure
+//! (`store`, `audit`, `metrics`, `config`, `bandwidth`, `net`, `sync`) → leaves (`wire`,
+//! `session`). docs/ARCHITECTURE.md gives each module's job and traces a connect from the hook to
+//! its answer.
 
 pub mod api;
 pub mod app;

@@ -12,7 +12,7 @@ use pforte::{check, config, hook, serve, vpn::openvpn::HookSettings};
 /// mimalloc instead of glibc's malloc: the daemon allocates a request's state on a tokio worker
 /// and frees much of it on the store thread; glibc serialises such cross-thread frees on its
 /// arena locks. The v2 line without transparent huge pages: v3 and huge pages each cost every
-/// hook process a few tenths of a millisecond at start and exit (docs/BENCHMARKS.md).
+/// hook process a few tenths of a millisecond at start and exit (docs/BENCHMARKS-HISTORY.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

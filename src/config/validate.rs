@@ -90,7 +90,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
 
 /// Request threads by default. One: on a small machine (2 cores here) one worker beside the
 /// store's writer thread spends less CPU per decision than two, which wake and steal from
-/// each other, and leaves the other core to the VPN server (docs/BENCHMARKS.md, fourth
+/// each other, and leaves the other core to the VPN server (docs/BENCHMARKS-HISTORY.md, fourth
 /// session). More only help once one worker is saturated.
 pub const DEFAULT_WORKERS: usize = 1;
 /// Most request threads the config may ask for.

@@ -44,7 +44,7 @@ impl Default for CheckpointPace {
 /// completes, and the WAL would grow without end. RESTART rather than TRUNCATE: the file keeps
 /// its size and is written over, where truncating it held the writer for a further 25 ms
 /// (ftruncate of 64 MiB on a filesystem mounted with `discard`) and a 30 ms fsync, every few
-/// seconds under load (steady-rate max latency 38 ms; docs/BENCHMARKS.md).
+/// seconds under load (steady-rate max latency 38 ms; docs/BENCHMARKS-HISTORY.md).
 ///
 /// Paced by the frames committed ([`CheckpointPace`]), not by the clock alone: a checkpoint
 /// that has copied everything lets the next commit start the WAL over, and that commit writes

@@ -93,14 +93,14 @@ const MAX_BATCH: usize = 4096;
 
 /// A caller of [`StoreHandle::commit`] commits on its own thread only if no commit has ended
 /// for this long: under load the writer thread commits, and gathers more changes per
-/// transaction than callers committing one by one would (docs/BENCHMARKS.md).
+/// transaction than callers committing one by one would (docs/BENCHMARKS-HISTORY.md).
 const IDLE_GAP: Duration = Duration::from_millis(1);
 
 /// After committing, the writer thread looks at the queue again this much later before it goes
 /// to sleep, and while it waits callers do not wake it: under load the next changes are
 /// queued by then, and each wake-up of a sleeping thread on the other CPU costs the request
 /// thread more than a decision's worth of work on a VM. Longer waits starve the request
-/// thread of answers (300 µs: fewer pairs/s than none); docs/BENCHMARKS.md.
+/// thread of answers (300 µs: fewer pairs/s than none); docs/BENCHMARKS-HISTORY.md.
 const WRITER_POLL: Duration = Duration::from_micros(100);
 
 /// Starts the store's writer thread.
