@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use chrono::NaiveDate;
 use ipnet::IpNet;
 
-use crate::config::{Capacity, PrivateDevices, Rules};
+use crate::config::{Capacity, PrivateDevices, Revocation, Rules};
 use crate::registry::{
     Device, HwAddr, Ownership, Registry, Status, normalize_serial, parse_sha256,
 };
@@ -39,6 +39,8 @@ pub struct Admission {
     pub quota: u32,
     /// The zone's address pool.
     pub pool: Option<IpNet>,
+    /// The tunnel network the pool lies in.
+    pub network: Option<IpNet>,
     /// Routes the device's clearance permits.
     pub routes: Vec<IpNet>,
 }
@@ -139,7 +141,7 @@ pub fn evaluate(
 ) -> Result<Admission, Denial> {
     validate_request(req)?;
     let device = check_device(req, rules, registry, today, true)?;
-    check_person(req, rules, registry, device)
+    check_person(req.identity(), &req.zone, rules, registry, device)
 }
 
 /// The device checks alone (registered, hardware address, private, status, encryption,
@@ -196,8 +198,20 @@ pub fn check_device<'r>(
         }
     }
 
-    let mail_only =
-        policy.private_devices == PrivateDevices::MailOnly && req.zone == policy.mail_zone;
+    check_standing(device, &req.zone, policy, today, 0)?;
+    Ok(device)
+}
+
+/// What the inventory says of a device itself: private (outside the mail-only zone), status,
+/// encryption, patch age (`patch_grace_days` beyond the allowed age, for live sessions).
+fn check_standing(
+    device: &Device,
+    zone: &str,
+    policy: &crate::config::PolicyConfig,
+    today: NaiveDate,
+    patch_grace_days: u32,
+) -> Result<(), Denial> {
+    let mail_only = policy.private_devices == PrivateDevices::MailOnly && zone == policy.mail_zone;
     if device.ownership == Ownership::Private && !mail_only {
         return Err(deny(
             Reason::PrivateDevice,
@@ -233,7 +247,10 @@ pub fn check_device<'r>(
 
     let overdue = match device.patched_on {
         None => true,
-        Some(day) => (today - day).num_days() > i64::from(policy.max_patch_age_days),
+        Some(day) => {
+            (today - day).num_days()
+                > i64::from(policy.max_patch_age_days) + i64::from(patch_grace_days)
+        }
     };
     if overdue {
         let last = device
@@ -248,18 +265,18 @@ pub fn check_device<'r>(
             ),
         ));
     }
-    Ok(device)
+    Ok(())
 }
 
 /// The checks on the person, the device's assignment, levels and zone.
 fn check_person(
-    req: &ConnectRequest,
+    username: &str,
+    zone_name: &str,
     rules: &Rules,
     registry: &Registry,
     device: &Device,
 ) -> Result<Admission, Denial> {
     let policy = &rules.policy;
-    let username = req.identity();
     let (org_unit_name, own_level) = match registry.user(username) {
         Some(u) => (u.org_unit.as_str(), u.level),
         None => match &policy.default_org_unit {
@@ -315,7 +332,7 @@ fn check_person(
         ));
     }
 
-    let zone = rules.zones.get(&req.zone);
+    let zone = rules.zones.get(zone_name);
     let needed = level.max(zone.map(|z| z.level).unwrap_or(0));
     if device.clearance < needed {
         return Err(deny(
@@ -332,7 +349,7 @@ fn check_person(
     let Some(zone) = zone else {
         return Err(deny(
             Reason::UnknownZone,
-            format!("Zone {} is not configured.", req.zone),
+            format!("Zone {zone_name} is not configured."),
         ));
     };
 
@@ -345,6 +362,7 @@ fn check_person(
         priority: org_unit.priority,
         quota: org_unit.quota,
         pool: zone.pool,
+        network: zone.network,
         routes: zone
             .routes
             .iter()
@@ -352,6 +370,60 @@ fn check_person(
             .map(|r| r.prefix)
             .collect(),
     })
+}
+
+/// A live session's device and person, as a reload re-decides them.
+#[derive(Debug, Clone, Copy)]
+pub struct Live<'a> {
+    /// The device's inventory id.
+    pub device_id: &'a str,
+    /// The user.
+    pub username: &'a str,
+    /// The zone.
+    pub zone: &'a str,
+}
+
+/// Re-decides a live session against new rules and registry: the device and person checks
+/// (not capacity, not the hardware address, which a live session cannot report again). With
+/// [`Revocation::BlockedOnly`] only a removed or blocked device fails. Patch age gets
+/// `revoke_patch_grace_days` beyond the allowed age.
+pub fn recheck(
+    live: Live<'_>,
+    rules: &Rules,
+    registry: &Registry,
+    today: NaiveDate,
+) -> Result<(), Denial> {
+    let policy = &rules.policy;
+    let Some(device) = registry.device_by_id(live.device_id) else {
+        return Err(deny(
+            Reason::UnregisteredDevice,
+            format!(
+                "Device {} was removed from the device inventory.",
+                live.device_id
+            ),
+        ));
+    };
+    if policy.revoke_on_reload == Revocation::BlockedOnly {
+        if device.status != Status::Active {
+            return Err(deny(
+                Reason::DeviceBlocked,
+                format!(
+                    "Device {} is marked {} in the inventory.",
+                    device.id,
+                    device.status.as_str()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    check_standing(
+        device,
+        live.zone,
+        policy,
+        today,
+        policy.revoke_patch_grace_days,
+    )?;
+    check_person(live.username, live.zone, rules, registry, device).map(|_| ())
 }
 
 /// Sessions already held, as the admission check sees them.

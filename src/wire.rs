@@ -45,11 +45,14 @@ pub enum Reason {
     UserSessionLimit,
     /// The session store cannot record the session and the fail mode is closed.
     StoreUnavailable,
+    /// The device holds a live session from another real address (`policy.duplicate_device =
+    /// "refuse"`).
+    DuplicateDevice,
 }
 
 impl Reason {
     /// Every reason, in the order the checks run.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::BadRequest,
         Reason::UnregisteredDevice,
         Reason::DeviceMismatch,
@@ -66,6 +69,7 @@ impl Reason {
         Reason::OrgUnitQuota,
         Reason::UserSessionLimit,
         Reason::StoreUnavailable,
+        Reason::DuplicateDevice,
     ];
 
     /// The stable code.
@@ -87,6 +91,7 @@ impl Reason {
             Reason::OrgUnitQuota => "org_unit_quota",
             Reason::UserSessionLimit => "user_session_limit",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::DuplicateDevice => "duplicate_device",
         }
     }
 }

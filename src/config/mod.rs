@@ -83,6 +83,9 @@ pub struct RegistryConfig {
     pub users: Option<PathBuf>,
     /// How often the files are checked for changes (zero: never).
     pub watch_interval: Duration,
+    /// A reload that removes more than this share of the devices (in percent) is refused
+    /// unless forced: an export cut off at a row boundary parses fine.
+    pub max_removed_percent: u32,
 }
 
 /// What happens to a decision when the session store cannot write.
@@ -142,6 +145,31 @@ pub struct PolicyConfig {
     pub require_hwaddr: bool,
     /// Fall back to the certificate serial when the fingerprint is not registered.
     pub match_serial: bool,
+    /// Which live sessions a reload ends.
+    pub revoke_on_reload: Revocation,
+    /// Days past `max_patch_age_days` that a live session may run before a reload ends it.
+    pub revoke_patch_grace_days: u32,
+    /// A device connecting while it holds a session from another address.
+    pub duplicate_device: DuplicateDevice,
+}
+
+/// Which live sessions a reload re-decides and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Every device and person check but capacity (`all-checks`, the default).
+    AllChecks,
+    /// Only devices removed from the registry or marked lost, stolen, retired or blocked.
+    BlockedOnly,
+}
+
+/// What a connect does for a device that holds a live session from another real address (a
+/// copied certificate, or a laptop that moved networks before its old session timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicateDevice {
+    /// End the old session, admit the new one (OpenVPN's own way without `duplicate-cn`).
+    Replace,
+    /// Refuse the new one (`duplicate_device`).
+    Refuse,
 }
 
 /// Seats.
@@ -188,6 +216,10 @@ pub struct Zone {
     pub level: u8,
     /// Address pool for `ifconfig-push`.
     pub pool: Option<IpNet>,
+    /// The VPN's tunnel network the pool lies in (the netmask pushed with an address; its
+    /// first host is the VPN server's own address and never handed out). The pool itself
+    /// when not configured.
+    pub network: Option<IpNet>,
     /// Routes pushed to clients.
     pub routes: Vec<Route>,
 }

@@ -90,6 +90,7 @@ pub(super) struct RawRegistry {
     pub(super) devices: Option<String>,
     pub(super) users: Option<String>,
     pub(super) watch_interval_s: Option<u64>,
+    pub(super) max_removed_percent: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +112,9 @@ pub(super) struct RawPolicy {
     pub(super) default_org_unit: Option<String>,
     pub(super) require_hwaddr: Option<bool>,
     pub(super) match_serial: Option<bool>,
+    pub(super) revoke_on_reload: Option<String>,
+    pub(super) revoke_patch_grace_days: Option<u32>,
+    pub(super) duplicate_device: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +145,7 @@ pub(super) struct RawZone {
     #[serde(default)]
     pub(super) level: u8,
     pub(super) pool: Option<String>,
+    pub(super) network: Option<String>,
     #[serde(default)]
     pub(super) routes: Vec<RawRoute>,
 }

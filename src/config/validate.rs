@@ -27,6 +27,15 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
         ),
         users: raw.registry.users.map(PathBuf::from),
         watch_interval: Duration::from_secs(raw.registry.watch_interval_s.unwrap_or(2)),
+        max_removed_percent: match raw.registry.max_removed_percent.unwrap_or(10) {
+            p @ 0..=100 => p,
+            p => {
+                return Err(bad(
+                    "registry.max_removed_percent",
+                    format!("{p} is not a share in percent (0 to 100)"),
+                ));
+            }
+        },
     };
     let store = StoreConfig {
         path: PathBuf::from(
@@ -224,6 +233,31 @@ pub(super) fn validate_rules(
             }
             _ => None,
         };
+        let network = match (z.network.as_deref().filter(|n| !n.is_empty()), pool) {
+            (None, pool) => pool,
+            (Some(n), None) => {
+                return Err(bad(
+                    format!("{key}.network"),
+                    format!("`{n}` is given but the zone has no pool"),
+                ));
+            }
+            (Some(n), Some(pool)) => {
+                let net: IpNet = n.parse().map_err(|e| {
+                    bad(
+                        format!("{key}.network"),
+                        format!("`{n}` is not a CIDR prefix ({e})"),
+                    )
+                })?;
+                let net = net.trunc();
+                if !net.contains(&pool) {
+                    return Err(bad(
+                        format!("{key}.pool"),
+                        format!("pool {pool} lies outside the tunnel network {net}"),
+                    ));
+                }
+                Some(net)
+            }
+        };
         let mut routes = Vec::new();
         for (j, r) in z.routes.into_iter().enumerate() {
             let (text, level) = match r {
@@ -253,6 +287,7 @@ pub(super) fn validate_rules(
                 name: z.name,
                 level: z.level,
                 pool,
+                network,
                 routes,
             },
         );
@@ -286,6 +321,26 @@ pub(super) fn validate_rules(
             format!("org unit `{ou}` is not configured in [[org_units]]"),
         ));
     }
+    let revoke_on_reload = match policy.revoke_on_reload.as_deref().unwrap_or("all-checks") {
+        "all-checks" => Revocation::AllChecks,
+        "blocked-only" => Revocation::BlockedOnly,
+        other => {
+            return Err(bad(
+                "policy.revoke_on_reload",
+                format!("`{other}` is not one of all-checks, blocked-only"),
+            ));
+        }
+    };
+    let duplicate_device = match policy.duplicate_device.as_deref().unwrap_or("replace") {
+        "replace" => DuplicateDevice::Replace,
+        "refuse" => DuplicateDevice::Refuse,
+        other => {
+            return Err(bad(
+                "policy.duplicate_device",
+                format!("`{other}` is not one of replace, refuse"),
+            ));
+        }
+    };
     let capacity = Capacity {
         max_sessions: capacity.max_sessions.unwrap_or(500),
         reserved_seats: capacity.reserved_seats.unwrap_or(0),
@@ -310,6 +365,9 @@ pub(super) fn validate_rules(
             default_org_unit,
             require_hwaddr: policy.require_hwaddr.unwrap_or(true),
             match_serial: policy.match_serial.unwrap_or(false),
+            revoke_on_reload,
+            revoke_patch_grace_days: policy.revoke_patch_grace_days.unwrap_or(0),
+            duplicate_device,
         },
         levels,
         capacity,

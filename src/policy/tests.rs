@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::{OrgUnit, PolicyConfig, Route, Zone};
+use crate::config::{DuplicateDevice, OrgUnit, PolicyConfig, Revocation, Route, Zone};
 use crate::registry::{Device, User};
 
 fn today() -> NaiveDate {
@@ -27,6 +27,7 @@ fn rules() -> Rules {
         name: name.into(),
         level,
         pool: Some("10.80.0.0/24".parse().unwrap()),
+        network: Some("10.80.0.0/24".parse().unwrap()),
         routes: vec![
             Route {
                 prefix: "10.1.0.0/16".parse().unwrap(),
@@ -48,6 +49,9 @@ fn rules() -> Rules {
             default_org_unit: None,
             require_hwaddr: true,
             match_serial: false,
+            revoke_on_reload: Revocation::AllChecks,
+            revoke_patch_grace_days: 0,
+            duplicate_device: DuplicateDevice::Replace,
         },
         levels: BTreeMap::from([(1, "normal".into()), (2, "high".into())]),
         capacity: Capacity {
@@ -415,6 +419,7 @@ fn admission(priority: bool, quota: u32) -> Admission {
         priority,
         quota,
         pool: None,
+        network: None,
         routes: vec![],
     }
 }
