@@ -1,6 +1,6 @@
 //! OpenVPN connection setup time with and without pforte, against real OpenVPN 2.6 servers on
 //! this host and real OpenVPN clients, each in its own network namespace (the end-to-end test
-//! harness, `tests/it/common/openvpn.rs`). Needs root, `/dev/net/tun`, `openvpn`, `openssl`,
+//! harness, `tests/it/common/openvpn/`). Needs root, `/dev/net/tun`, `openvpn`, `openssl`,
 //! `iproute2`; `hyperfine` for the hook-process part.
 //!
 //! ```sh
@@ -43,7 +43,7 @@
 
 // The harness's own unit tests are compiled here without a test harness to run them.
 #[allow(unused_imports)]
-#[path = "../tests/it/common/openvpn.rs"]
+#[path = "../tests/it/common/openvpn/mod.rs"]
 mod openvpn;
 
 #[path = "common/machine.rs"]

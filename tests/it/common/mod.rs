@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod openvpn;
 
 use std::fmt::Write as _;
@@ -24,7 +25,8 @@ pub fn e2e_required() -> bool {
     std::env::var("PFORTE_E2E").is_ok_and(|v| v == "1")
 }
 
-/// Skips (returns false) or fails loudly when a tool is missing.
+/// Skips (returns false) or fails loudly when a tool is missing. (A test that needs a tool also
+/// declares it where it is registered, so that the harness reports it as ignored.)
 pub fn have_tool(tool: &str, package: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")
@@ -483,4 +485,19 @@ pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The harness's own checks (`openvpn::unit`), under their module's name.
+pub fn tests() -> Vec<harness::Case> {
+    use harness::Case;
+    const UNIT: &str = "it::common::openvpn::unit";
+    vec![
+        Case::new(
+            UNIT,
+            "hex_to_decimal_works",
+            &[],
+            openvpn::unit::hex_to_decimal_works,
+        ),
+        Case::new(UNIT, "prefixes", &[], openvpn::unit::prefixes),
+    ]
 }
