@@ -1,6 +1,6 @@
 //! OpenVPN connection setup time with and without pforte, against real OpenVPN 2.6 servers on
 //! this host and real OpenVPN clients, each in its own network namespace (the end-to-end test
-//! harness, `tests/it/common/openvpn.rs`). Needs root, `/dev/net/tun`, `openvpn`, `openssl`,
+//! harness, `tests/it/common/openvpn/`). Needs root, `/dev/net/tun`, `openvpn`, `openssl`,
 //! `iproute2`; `hyperfine` for the hook-process part.
 //!
 //! ```sh
@@ -43,23 +43,27 @@
 
 // The harness's own unit tests are compiled here without a test harness to run them.
 #[allow(unused_imports)]
-#[path = "../tests/it/common/openvpn.rs"]
+#[path = "../tests/it/common/openvpn/mod.rs"]
 mod openvpn;
 
 #[path = "common/machine.rs"]
 mod machine;
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use daemon::http_get;
 use openvpn::{Client, ClientCert, ClientNs, ClientOptions, Pki, Server, ServerOptions};
 
 const ALL_MODES: &[&str] = &[
@@ -240,10 +244,11 @@ fn pforte_bin() -> PathBuf {
 }
 
 /// A pforte daemon on a temp dir with a registry of the given client certificates (good service
-/// devices of org unit `it`), the zone `office` on `pool`, and `extra` config text.
+/// devices of org unit `it`), the zone `office` on `pool`, and `extra` config text. Fields drop
+/// in order: the process is killed before its dir goes.
 struct Daemon {
+    process: daemon::Running,
     dir: tempfile::TempDir,
-    child: Child,
     port: u16,
 }
 
@@ -311,37 +316,26 @@ routes = []
         );
         let path = dir.path().join("pforte.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(pforte_bin())
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("PFORTE_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { dir, child, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("pforte exited ({st}): {}", d.log());
-            }
-            if http_get(port, "/readyz").is_some_and(|(s, _)| s == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "pforte not ready: {}", d.log());
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
+        let process = daemon::Running::start(daemon::Launch {
+            bin: pforte_bin(),
+            config: &path,
+            port,
+            log_level: "warn",
+            env: &[],
+            output: daemon::Output::Log(dir.path().join("serve.log")),
+            ready_within: Duration::from_secs(20),
+            poll: Duration::from_millis(20),
+        });
+        Daemon { process, dir, port }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// Whether the process still runs (its `/proc` state).
     fn state(&self) -> String {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.child.id()));
         match stat
             .as_deref()
             .map(|s| s.rsplit_once(')').map(|x| x.1.trim_start()))
@@ -359,34 +353,6 @@ routes = []
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A plain HTTP/1.1 GET on loopback: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.get(9..12)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    Some((status, body))
 }
 
 // ---------------------------------------------------------------------------------------------

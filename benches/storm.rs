@@ -17,10 +17,12 @@
 #[path = "common/machine.rs"]
 mod machine;
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -144,9 +146,10 @@ fn fingerprint(i: usize) -> String {
     out
 }
 
+/// A daemon on a temp dir. Fields drop in order: the daemon is killed before its dir goes.
 struct Bench {
+    daemon: Option<daemon::Running>,
     dir: tempfile::TempDir,
-    child: Option<Child>,
     port: u16,
 }
 
@@ -198,8 +201,8 @@ routes = ["10.1.0.0/16"]
         );
         std::fs::write(dir.path().join("pforte.toml"), config).unwrap();
         let mut b = Bench {
+            daemon: None,
             dir,
-            child: None,
             port,
         };
         b.start();
@@ -207,32 +210,22 @@ routes = ["10.1.0.0/16"]
     }
 
     fn start(&mut self) -> Duration {
-        let started = Instant::now();
-        let child =
-            Command::new(PFORTE_BIN.get_or_init(|| PathBuf::from(env!("CARGO_BIN_EXE_pforte"))))
-                .args(["serve", "--config"])
-                .arg(self.dir.path().join("pforte.toml"))
-                .env("PFORTE_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::Read;
-                let _ =
-                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.1 200") {
-                    return started.elapsed();
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("daemon not ready in 120 s");
+        let config = self.dir.path().join("pforte.toml");
+        let d = daemon::Running::start(daemon::Launch {
+            bin: PFORTE_BIN
+                .get_or_init(|| PathBuf::from(env!("CARGO_BIN_EXE_pforte")))
+                .clone(),
+            config: &config,
+            port: self.port,
+            log_level: "warn",
+            env: &[],
+            output: daemon::Output::Stderr,
+            ready_within: Duration::from_secs(120),
+            poll: Duration::from_millis(20),
+        });
+        let ready_after = d.ready_after;
+        self.daemon = Some(d);
+        ready_after
     }
 
     fn socket(&self) -> PathBuf {
@@ -240,7 +233,7 @@ routes = ["10.1.0.0/16"]
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.daemon.as_ref().unwrap().child.id()
     }
 
     fn rss_mb(&self) -> f64 {
@@ -317,21 +310,8 @@ routes = ["10.1.0.0/16"]
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut d) = self.daemon.take() {
+            d.terminate();
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::common::harness::{Case, trial};
 use crate::common::*;
 
 fn toml_files(dir: &std::path::Path) -> Vec<PathBuf> {
@@ -35,7 +36,6 @@ fn assert_valid(f: &std::path::Path) {
     );
 }
 
-#[test]
 fn every_shipped_config_is_valid() {
     let files = toml_files(&repo().join("config"));
     assert!(!files.is_empty(), "no config files found");
@@ -44,7 +44,6 @@ fn every_shipped_config_is_valid() {
     }
 }
 
-#[test]
 fn fixture_configs_valid_and_invalid() {
     let root = repo().join("tests/fixtures/config");
     let valid = toml_files(&root.join("valid"));
@@ -103,7 +102,6 @@ fn check(args: &[&str]) -> (i32, String) {
     )
 }
 
-#[test]
 fn check_explains_the_example_registry() {
     let cases = [
         ("D-1001", "alice", "", 0, "ALLOWED"),
@@ -156,4 +154,13 @@ fn check_explains_the_example_registry() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(every_shipped_config_is_valid),
+        trial!(fixture_configs_valid_and_invalid),
+        trial!(check_explains_the_example_registry),
+    ]
 }

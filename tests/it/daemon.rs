@@ -7,6 +7,7 @@ use nix::sys::signal::Signal;
 use pforte::wire::ConnectRequest;
 use pforte::wire::DisconnectRequest;
 
+use crate::common::harness::{Case, trial};
 use crate::common::*;
 
 fn devices() -> Vec<Dev> {
@@ -62,7 +63,6 @@ fn dev(id: &str) -> Dev {
 }
 
 /// Every reason the policy gives without capacity, through the real API, with status codes.
-#[tokio::test]
 async fn every_reason_code_through_the_api() {
     let f = Fixture::new(Setup::default(), &devices());
     let d = f.start();
@@ -143,7 +143,6 @@ async fn every_reason_code_through_the_api() {
     );
 }
 
-#[tokio::test]
 async fn allow_pushes_pool_address_and_routes_and_disconnect_frees_the_seat() {
     let f = Fixture::new(
         Setup {
@@ -210,7 +209,6 @@ async fn allow_pushes_pool_address_and_routes_and_disconnect_frees_the_seat() {
     assert_eq!(s, 200, "{b:?}");
 }
 
-#[tokio::test]
 async fn reserved_seats_quota_and_user_limit() {
     let f = Fixture::new(
         Setup {
@@ -277,7 +275,6 @@ async fn reserved_seats_quota_and_user_limit() {
     assert_eq!(reason(&r), "capacity_full");
 }
 
-#[tokio::test]
 async fn concurrent_connects_never_oversell_the_last_seats() {
     let mut devs = Vec::new();
     for i in 0..40 {
@@ -320,7 +317,6 @@ async fn concurrent_connects_never_oversell_the_last_seats() {
     assert_eq!(v["count"], 7);
 }
 
-#[tokio::test]
 async fn malformed_input_gets_400_naming_the_field_and_never_kills_the_daemon() {
     let f = Fixture::new(Setup::default(), &devices());
     let mut d = f.start();
@@ -374,7 +370,6 @@ async fn malformed_input_gets_400_naming_the_field_and_never_kills_the_daemon() 
     );
 }
 
-#[tokio::test]
 async fn kill_a_session_and_list_sessions() {
     let f = Fixture::new(Setup::default(), &devices());
     let d = f.start();
@@ -399,7 +394,6 @@ async fn kill_a_session_and_list_sessions() {
     assert_eq!(v["count"], 0);
 }
 
-#[tokio::test]
 async fn tcp_v1_needs_the_bearer_token() {
     let f = Fixture::new(
         Setup {
@@ -426,7 +420,6 @@ async fn tcp_v1_needs_the_bearer_token() {
     assert!(!d.log().contains(TOKEN), "token leaked into the log");
 }
 
-#[tokio::test]
 async fn tcp_without_token_file_does_not_serve_v1() {
     let f = Fixture::new(Setup::default(), &devices());
     let d = f.start();
@@ -434,7 +427,6 @@ async fn tcp_without_token_file_does_not_serve_v1() {
     assert_eq!(s, 404, "{body}");
 }
 
-#[tokio::test]
 async fn socket_gets_its_mode() {
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::new(
@@ -450,7 +442,6 @@ async fn socket_gets_its_mode() {
 }
 
 /// No username, device id, address or fingerprint in /metrics, whatever sessions exist.
-#[tokio::test]
 async fn metrics_carry_no_personal_data() {
     let f = Fixture::new(Setup::default(), &devices());
     let d = f.start();
@@ -501,7 +492,6 @@ async fn metrics_carry_no_personal_data() {
     assert!(audit.contains("alice") && audit.contains("D-GOOD") && audit.contains("203.0.113.77"));
 }
 
-#[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
     let f = Fixture::new(Setup::default(), &devices());
     let mut d = f.start();
@@ -521,7 +511,6 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(d.log().contains("session store flushed"), "{}", d.log());
 }
 
-#[tokio::test]
 async fn audit_log_pseudonymises_users_and_addresses_with_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("audit.key");
@@ -569,7 +558,6 @@ async fn audit_log_pseudonymises_users_and_addresses_with_a_key() {
 
 /// SIGTERM while a request is half sent: the daemon stops accepting, answers the request in
 /// flight, flushes the store and exits 0.
-#[tokio::test]
 async fn sigterm_finishes_the_request_in_flight() {
     use std::io::{Read, Write};
     let f = Fixture::new(Setup::default(), &devices());
@@ -603,4 +591,23 @@ async fn sigterm_finishes_the_request_in_flight() {
     // And it was persisted: a restart has the session.
     let d2 = f.start();
     assert_eq!(d2.metric("pforte_seats_used"), Some(1.0));
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(async every_reason_code_through_the_api),
+        trial!(async allow_pushes_pool_address_and_routes_and_disconnect_frees_the_seat),
+        trial!(async reserved_seats_quota_and_user_limit),
+        trial!(async concurrent_connects_never_oversell_the_last_seats),
+        trial!(async malformed_input_gets_400_naming_the_field_and_never_kills_the_daemon),
+        trial!(async kill_a_session_and_list_sessions),
+        trial!(async tcp_v1_needs_the_bearer_token),
+        trial!(async tcp_without_token_file_does_not_serve_v1),
+        trial!(async socket_gets_its_mode),
+        trial!(async metrics_carry_no_personal_data),
+        trial!(async sigterm_drains_and_exits_zero),
+        trial!(async audit_log_pseudonymises_users_and_addresses_with_a_key),
+        trial!(async sigterm_finishes_the_request_in_flight),
+    ]
 }

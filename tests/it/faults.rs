@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use nix::sys::signal::Signal;
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::*;
 
 fn pool(n: usize) -> Vec<Dev> {
@@ -23,7 +24,6 @@ fn pool(n: usize) -> Vec<Dev> {
 
 /// kill -9 while connects stream in: after the restart the store opens, every acknowledged
 /// session is there, nothing is counted twice, and seats match the session list.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_storm_of_connects() {
     let devs = pool(3000);
     let f = Fixture::new(
@@ -166,7 +166,6 @@ impl Drop for Tmpfs {
 
 /// The store's disk fills up: connects are refused (fail mode closed), the error shows in the
 /// log and the metrics, and pforte recovers by itself once space is free again.
-#[tokio::test]
 async fn store_disk_full_fails_closed_and_recovers() {
     if !can_mount() {
         return;
@@ -247,7 +246,6 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// The OpenVPN management socket is gone: pforte retries with backoff (no busy loop, one log
 /// line rather than one per attempt), and connects as soon as the socket is back.
-#[test]
 fn management_socket_gone_backs_off_and_reconnects() {
     let f = Fixture::new(Setup::default(), &[Dev::good("D-1", "alice")]);
     let mgmt = f.path("mgmt.sock");
@@ -322,7 +320,6 @@ fn management_socket_gone_backs_off_and_reconnects() {
 /// millisecond). If the commit then fails (disk full, fail mode closed), the client that was
 /// let in is ended with `client-kill` and its seat is free again. A stand-in management
 /// interface plays OpenVPN.
-#[test]
 fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
     if !can_mount() {
         return;
@@ -476,4 +473,14 @@ fn client_auth_answered_before_a_commit_that_fails_ends_the_client() {
     // Every other client of this loop holds a seat; the killed one does not.
     assert_eq!(d.metric("pforte_seats_used"), Some(killed as f64));
     assert!(!d.log().contains("hunter2"));
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(async(2) kill_9_during_a_storm_of_connects),
+        trial!(async store_disk_full_fails_closed_and_recovers, needs: [Need::Root("to mount a small tmpfs")]),
+        trial!(management_socket_gone_backs_off_and_reconnects),
+        trial!(client_auth_answered_before_a_commit_that_fails_ends_the_client, needs: [Need::Root("to mount a small tmpfs")]),
+    ]
 }

@@ -8,6 +8,8 @@ mod checks;
 
 use std::path::Path;
 
+use crate::common::harness::{Case, trial};
+
 /// Runs every input of a target; fails naming the file that breaks, or when a target has none.
 fn replay(target: &str, check: fn(&[u8])) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
@@ -39,32 +41,38 @@ fn replay(target: &str, check: fn(&[u8])) {
     }
 }
 
-#[test]
 fn fuzz_openvpn_env_inputs() {
     replay("openvpn_env", checks::openvpn_env);
 }
 
-#[test]
 fn fuzz_registry_csv_inputs() {
     replay("registry_csv", checks::registry_csv);
 }
 
-#[test]
 fn fuzz_registry_json_inputs() {
     replay("registry_json", checks::registry_json);
 }
 
-#[test]
 fn fuzz_config_inputs() {
     replay("config", checks::config);
 }
 
-#[test]
 fn fuzz_api_bodies_inputs() {
     replay("api_bodies", checks::api_bodies);
 }
 
-#[test]
 fn fuzz_mgmt_lines_inputs() {
     replay("mgmt_lines", checks::mgmt_lines);
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(fuzz_openvpn_env_inputs),
+        trial!(fuzz_registry_csv_inputs),
+        trial!(fuzz_registry_json_inputs),
+        trial!(fuzz_config_inputs),
+        trial!(fuzz_api_bodies_inputs),
+        trial!(fuzz_mgmt_lines_inputs),
+    ]
 }

@@ -4,6 +4,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::common::harness::{Case, trial};
 use crate::common::*;
 
 fn ovpn_env(dev: &Dev, user: &str, port: u16, script_type: &str) -> Vec<(String, String)> {
@@ -43,7 +44,6 @@ fn run_hook(socket: &std::path::Path, env: &[(String, String)], args: &[&str]) -
         .unwrap()
 }
 
-#[test]
 fn client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat() {
     let good = Dev::good("D-H1", "alice");
     let private = Dev {
@@ -125,7 +125,6 @@ fn client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat() {
     );
 }
 
-#[test]
 fn tls_verify_checks_the_device_at_depth_zero_only() {
     let private = Dev {
         ownership: "private",
@@ -167,7 +166,6 @@ fn tls_verify_checks_the_device_at_depth_zero_only() {
     );
 }
 
-#[test]
 fn daemon_unreachable_fails_closed_unless_fail_open() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing.sock");
@@ -189,7 +187,6 @@ fn daemon_unreachable_fails_closed_unless_fail_open() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ADMITTING"));
 }
 
-#[test]
 fn slow_daemon_is_refused_after_the_timeout() {
     // A socket that accepts and never answers.
     let dir = tempfile::tempdir().unwrap();
@@ -221,7 +218,6 @@ fn slow_daemon_is_refused_after_the_timeout() {
 /// `--deferred` as OpenVPN 2.6 drives it: the hook writes `2` and exits; OpenVPN reads the file
 /// right after the exit and takes anything but `2` there as success, so a refusal must not be
 /// written before that read. An allow may be written at once.
-#[test]
 fn deferred_refusal_waits_for_openvpns_first_read_and_an_allow_does_not() {
     let good = Dev::good("D-DF1", "alice");
     let private = Dev {
@@ -311,4 +307,15 @@ fn deferred_refusal_waits_for_openvpns_first_read_and_an_allow_does_not() {
         std::fs::read_to_string(&config)
     );
     assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(client_connect_writes_the_dynamic_config_and_disconnect_frees_the_seat),
+        trial!(tls_verify_checks_the_device_at_depth_zero_only),
+        trial!(daemon_unreachable_fails_closed_unless_fail_open),
+        trial!(slow_daemon_is_refused_after_the_timeout),
+        trial!(deferred_refusal_waits_for_openvpns_first_read_and_an_allow_does_not),
+    ]
 }

@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::*;
 
 fn raise_own_fd_limit() {
@@ -42,7 +43,6 @@ fn timed_decision(socket: &std::path::Path, dev: &Dev, key: &str) -> (u16, Durat
     (status, started.elapsed())
 }
 
-#[test]
 fn two_thousand_idle_connections_do_not_starve_decisions() {
     raise_own_fd_limit();
     let dev = Dev {
@@ -85,7 +85,6 @@ fn two_thousand_idle_connections_do_not_starve_decisions() {
     drop(idle);
 }
 
-#[test]
 fn slow_and_idle_connections_are_cut_off() {
     let f = Fixture::new(
         Setup {
@@ -133,7 +132,6 @@ fn slow_and_idle_connections_are_cut_off() {
     );
 }
 
-#[test]
 fn oversized_headers_are_refused_and_the_daemon_lives_on() {
     let f = Fixture::new(Setup::default(), &[Dev::good("D-1", "alice")]);
     let mut d = f.start();
@@ -165,7 +163,6 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
 
 /// A peer outside the uid/gid allow-list gets nothing, even where the socket file's mode
 /// would let it in; listed, it is served.
-#[test]
 fn unix_socket_refuses_peers_outside_the_allow_list() {
     if !nix::unistd::geteuid().is_root() {
         if e2e_required() {
@@ -230,7 +227,6 @@ fn unix_socket_refuses_peers_outside_the_allow_list() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
 }
 
-#[test]
 fn world_writable_token_file_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::new(
@@ -250,4 +246,15 @@ fn world_writable_token_file_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("token") && err.contains("writable"), "{err}");
     assert!(!err.contains(TOKEN), "the token itself leaked: {err}");
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(two_thousand_idle_connections_do_not_starve_decisions),
+        trial!(slow_and_idle_connections_are_cut_off),
+        trial!(oversized_headers_are_refused_and_the_daemon_lives_on),
+        trial!(unix_socket_refuses_peers_outside_the_allow_list, needs: [Need::Root("to act as a second uid"), Need::Tool("setpriv", "util-linux"), Need::Tool("curl", "curl")]),
+        trial!(world_writable_token_file_is_refused_at_start),
+    ]
 }

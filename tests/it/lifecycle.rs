@@ -5,6 +5,7 @@ use std::time::Duration;
 use hyper::Method;
 use nix::sys::signal::Signal;
 
+use crate::common::harness::{Case, trial};
 use crate::common::*;
 
 fn pool(n: usize) -> Vec<Dev> {
@@ -16,7 +17,6 @@ fn pool(n: usize) -> Vec<Dev> {
         .collect()
 }
 
-#[tokio::test]
 async fn sessions_survive_kill_9() {
     let devs = pool(10);
     let f = Fixture::new(
@@ -88,7 +88,6 @@ async fn sessions_survive_kill_9() {
     assert_eq!(ips.len(), n, "duplicate tunnel addresses");
 }
 
-#[tokio::test]
 async fn broken_registry_keeps_the_old_one_and_counts_the_failure() {
     let devs = vec![Dev::good("D-A", "alice"), Dev::good("D-B", "bob")];
     let f = Fixture::new(
@@ -132,7 +131,6 @@ async fn broken_registry_keeps_the_old_one_and_counts_the_failure() {
     assert_eq!(d.metric("pforte_registry_reload_failures_total"), Some(2.0));
 }
 
-#[tokio::test]
 async fn sighup_reload_revokes_a_blocked_device() {
     let devs = vec![Dev::good("D-A", "alice"), Dev::good("D-B", "bob")];
     let f = Fixture::new(
@@ -181,7 +179,6 @@ async fn sighup_reload_revokes_a_blocked_device() {
     );
 }
 
-#[tokio::test]
 async fn file_change_is_picked_up_without_a_signal() {
     let f = Fixture::new(Setup::default(), &[Dev::good("D-A", "alice")]);
     let d = f.start();
@@ -208,7 +205,6 @@ async fn file_change_is_picked_up_without_a_signal() {
     assert_eq!(s, 200);
 }
 
-#[tokio::test]
 async fn org_unit_exception_takes_effect_on_reload() {
     // The data-protection officer grants social an exception: no restart needed.
     let dora = Dev {
@@ -250,7 +246,6 @@ async fn org_unit_exception_takes_effect_on_reload() {
     assert_eq!(s, 200, "{r:?}");
 }
 
-#[tokio::test]
 async fn world_writable_registry_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::new(Setup::default(), &[Dev::good("D-A", "alice")]);
@@ -270,4 +265,16 @@ async fn world_writable_registry_is_refused_at_start() {
         err.contains("devices.csv") && err.contains("writable"),
         "{err}"
     );
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(async sessions_survive_kill_9),
+        trial!(async broken_registry_keeps_the_old_one_and_counts_the_failure),
+        trial!(async sighup_reload_revokes_a_blocked_device),
+        trial!(async file_change_is_picked_up_without_a_signal),
+        trial!(async org_unit_exception_takes_effect_on_reload),
+        trial!(async world_writable_registry_is_refused_at_start),
+    ]
 }

@@ -1,4 +1,8 @@
-//! Integration tests: one crate, one binary (see STYLE.md). They start the real `pforte`.
+//! Integration tests: one crate, one binary. They start the real `pforte`.
+//!
+//! The harness is libtest-mimic (`harness = false` in `Cargo.toml`): each module lists its tests
+//! in `tests()`, and a test that needs a part of the system declares it there, so that where the
+//! part is missing the summary counts it as ignored and says why (`common/harness.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cli;
@@ -14,3 +18,22 @@ mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
+
+fn main() -> std::process::ExitCode {
+    let cases = [
+        cli::tests(),
+        common::tests(),
+        daemon::tests(),
+        faults::tests(),
+        fuzz_regressions::tests(),
+        hook::tests(),
+        hostile::tests(),
+        lifecycle::tests(),
+        monitoring_e2e::tests(),
+        openvpn_e2e::tests(),
+        openvpn_mgmt_e2e::tests(),
+        ops::tests(),
+        radius_codec::tests(),
+    ];
+    common::harness::main(cases.into_iter().flatten().collect())
+}

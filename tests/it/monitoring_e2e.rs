@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use pforte::wire::DisconnectRequest;
 use serde_json::Value;
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::*;
 
 /// How long Prometheus and Alertmanager may take to become ready.
@@ -577,7 +578,6 @@ fn dev(id: &str) -> Dev {
     devices().into_iter().find(|d| d.id == id).unwrap()
 }
 
-#[tokio::test]
 async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
     if !have_tool("prometheus", "prometheus")
         || !have_tool("prometheus-alertmanager", "prometheus-alertmanager")
@@ -810,7 +810,6 @@ async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
     );
 }
 
-#[test]
 fn placeholders_are_recognised() {
     assert_eq!(
         without_placeholder("8 * sum by (link) (x) or on() vector(0)").as_deref(),
@@ -824,7 +823,6 @@ fn placeholders_are_recognised() {
     assert_eq!(without_placeholder("x or on() vector(y)"), None);
 }
 
-#[test]
 fn grafana_variables_are_substituted() {
     assert_eq!(
         substitute(r#"rate(x{instance=~"$instance", zone=~"${zone}"}[$__rate_interval])"#),
@@ -838,4 +836,13 @@ fn grafana_variables_are_substituted() {
         substitute(r#"label_replace(z, "a", "$1", "b", "(.*)") [[instance]] $__interval"#),
         r#"label_replace(z, "a", "$1", "b", "(.*)") .* 1m"#
     );
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(async prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead, needs: [Need::Tool("prometheus", "prometheus"), Need::Tool("prometheus-alertmanager", "prometheus-alertmanager")]),
+        trial!(placeholders_are_recognised),
+        trial!(grafana_variables_are_substituted),
+    ]
 }

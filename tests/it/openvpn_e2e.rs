@@ -10,6 +10,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::openvpn::{
     self, Client, ClientCert, ClientNs, ClientOptions, Pki, Server, ServerOptions,
 };
@@ -245,7 +246,6 @@ impl Rig {
     }
 }
 
-#[test]
 fn openvpn_admits_a_managed_device_and_refuses_each_reason() {
     if !openvpn::available() {
         return;
@@ -325,7 +325,6 @@ fn openvpn_admits_a_managed_device_and_refuses_each_reason() {
     eprintln!("admit and refuse: {:?}", t0.elapsed());
 }
 
-#[test]
 fn openvpn_past_the_seats_is_refused_and_a_disconnect_frees_the_seat() {
     if !openvpn::available() {
         return;
@@ -391,7 +390,6 @@ fn openvpn_past_the_seats_is_refused_and_a_disconnect_frees_the_seat() {
     eprintln!("seats: {:?}", t0.elapsed());
 }
 
-#[test]
 fn openvpn_fails_closed_without_the_daemon_and_recovers_its_sessions() {
     if !openvpn::available() {
         return;
@@ -437,7 +435,6 @@ fn openvpn_fails_closed_without_the_daemon_and_recovers_its_sessions() {
 
 /// Deferred client-connect: OpenVPN's event loop does not wait for pforte; the decision comes
 /// from a detached child through the deferred file, with the same result as the direct hook.
-#[test]
 fn openvpn_deferred_client_connect_decides_the_same() {
     if !openvpn::available() {
         return;
@@ -466,4 +463,14 @@ fn openvpn_deferred_client_connect_decides_the_same() {
         "OpenVPN did not defer: {}",
         rig.context()
     );
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(openvpn_admits_a_managed_device_and_refuses_each_reason, needs: [Need::OpenVpn]),
+        trial!(openvpn_past_the_seats_is_refused_and_a_disconnect_frees_the_seat, needs: [Need::OpenVpn]),
+        trial!(openvpn_fails_closed_without_the_daemon_and_recovers_its_sessions, needs: [Need::OpenVpn]),
+        trial!(openvpn_deferred_client_connect_decides_the_same, needs: [Need::OpenVpn]),
+    ]
 }

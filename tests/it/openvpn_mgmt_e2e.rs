@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::openvpn::{
     self, Client, ClientCert, ClientNs, ClientOptions, Management, Pki, Server, ServerOptions,
 };
@@ -163,7 +164,6 @@ fn http_unix(socket: &std::path::Path, method: Method, path: &str) -> u16 {
     })
 }
 
-#[test]
 fn script_mode_with_management_bytes_revocation_kill_passthrough() {
     let Some((rig, devs)) = rig(
         false,
@@ -249,7 +249,6 @@ fn script_mode_with_management_bytes_revocation_kill_passthrough() {
     );
 }
 
-#[test]
 fn openvpn_restart_neither_loses_nor_doubles_sessions() {
     let Some((rig, devs)) = rig(false, Setup::default(), |pki| {
         vec![device(pki, "carl", "alice")]
@@ -296,7 +295,6 @@ fn openvpn_restart_neither_loses_nor_doubles_sessions() {
     assert_eq!(v["count"], 1, "{v}");
 }
 
-#[test]
 fn client_auth_mode_decides_without_scripts() {
     let Some((rig, devs)) = rig(
         true,
@@ -367,7 +365,6 @@ fn client_auth_mode_decides_without_scripts() {
         .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
 }
 
-#[test]
 fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
     let Some((mut rig, devs)) = rig(false, Setup::default(), |pki| {
         vec![device(pki, "gus", "alice"), device(pki, "hal", "bob")]
@@ -404,4 +401,14 @@ fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
     );
     assert_eq!(sessions(d)["sessions"][0]["username"], "bob");
     hal.ping(rig.server.tunnel_ip(), 2).unwrap();
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(script_mode_with_management_bytes_revocation_kill_passthrough, needs: [Need::OpenVpn]),
+        trial!(openvpn_restart_neither_loses_nor_doubles_sessions, needs: [Need::OpenVpn]),
+        trial!(client_auth_mode_decides_without_scripts, needs: [Need::OpenVpn]),
+        trial!(session_that_ended_while_pforte_was_down_is_reaped_at_restart, needs: [Need::OpenVpn]),
+    ]
 }

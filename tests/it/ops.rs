@@ -16,6 +16,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use crate::common::harness::{Case, Need, trial};
+
 /// Every `pforte_*` series name the real daemon exports (read from a running daemon's /metrics,
 /// so dashboards and rules are checked against what pforte really serves, not a copied list).
 fn exported_metrics() -> &'static Vec<String> {
@@ -153,7 +155,6 @@ fn run<S: AsRef<OsStr>>(program: &Path, args: &[S], dir: &Path) -> Result<Printe
 
 // ------------------------------------------------------------------------- Prometheus rules
 
-#[test]
 fn prometheus_rules_pass_promtool_check_and_unit_tests() -> Outcome {
     let Some(promtool) = tool("promtool", "prometheus")? else {
         return Ok(());
@@ -166,7 +167,6 @@ fn prometheus_rules_pass_promtool_check_and_unit_tests() -> Outcome {
     Ok(())
 }
 
-#[test]
 fn every_alert_has_a_firing_and_a_quiet_unit_test() -> Outcome {
     let dir = repo().join("dashboards/rules");
     let rules = read(&dir.join(RULES))?;
@@ -244,7 +244,6 @@ fn metric_names(text: &str) -> Vec<&str> {
 
 // ---------------------------------------------------------------- Prometheus, Alertmanager
 
-#[test]
 fn prometheus_example_config_is_valid() -> Outcome {
     let Some(promtool) = tool("promtool", "prometheus")? else {
         return Ok(());
@@ -271,7 +270,6 @@ fn prometheus_example_config_is_valid() -> Outcome {
     Ok(())
 }
 
-#[test]
 fn alertmanager_example_config_is_valid_and_routes_pages_to_the_pager() -> Outcome {
     let Some(amtool) = tool("amtool", "prometheus-alertmanager")? else {
         return Ok(());
@@ -304,7 +302,6 @@ fn alertmanager_example_config_is_valid_and_routes_pages_to_the_pager() -> Outco
 
 // ---------------------------------------------------------------------- Grafana dashboards
 
-#[test]
 fn dashboards_are_valid_and_use_the_datasource_variable() -> Outcome {
     let dir = repo().join("dashboards");
     let mut problems = Vec::new();
@@ -451,7 +448,6 @@ fn collect_panels<'a>(panels: Option<&'a Value>, out: &mut Vec<&'a Value>) {
 
 // -------------------------------------------------------------------------------- systemd
 
-#[test]
 fn systemd_unit_verifies_and_is_hardened() -> Outcome {
     let Some(analyze) = tool("systemd-analyze", "systemd")? else {
         return Ok(());
@@ -517,7 +513,6 @@ fn exposure_level(report: &str) -> Option<f64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-#[test]
 fn systemd_sysusers_and_tmpfiles_snippets_apply() -> Outcome {
     let Some(sysusers) = tool("systemd-sysusers", "systemd")? else {
         return Ok(());
@@ -575,4 +570,17 @@ fn systemd_sysusers_and_tmpfiles_snippets_apply() -> Outcome {
         }
     }
     Ok(())
+}
+
+/// The tests of this module, for the harness (`tests/it/main.rs`).
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(prometheus_rules_pass_promtool_check_and_unit_tests, needs: [Need::Tool("promtool", "prometheus")]),
+        trial!(every_alert_has_a_firing_and_a_quiet_unit_test),
+        trial!(prometheus_example_config_is_valid, needs: [Need::Tool("promtool", "prometheus")]),
+        trial!(alertmanager_example_config_is_valid_and_routes_pages_to_the_pager, needs: [Need::Tool("amtool", "prometheus-alertmanager")]),
+        trial!(dashboards_are_valid_and_use_the_datasource_variable),
+        trial!(systemd_unit_verifies_and_is_hardened, needs: [Need::Tool("systemd-analyze", "systemd")]),
+        trial!(systemd_sysusers_and_tmpfiles_snippets_apply, needs: [Need::Tool("systemd-sysusers", "systemd"), Need::Tool("systemd-tmpfiles", "systemd"), Need::Root("to apply the snippets")]),
+    ]
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use pforte::vpn::radius::{Code, Packet, Secret, attr, auth};
 
+use crate::common::harness::{Case, Need, trial};
 use crate::common::have_tool;
 
 const SECRET: &str = "Zw8-radius-test-secret";
@@ -184,7 +185,6 @@ ASA-TunnelGroupName = "staff"
 ASA-ClientType = AnyConnect-Client-SSL-VPN
 "#;
 
-#[test]
 fn radius_codec_cisco_anyconnect_request_and_our_accept() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -219,7 +219,6 @@ fn radius_codec_cisco_anyconnect_request_and_our_accept() {
     answer_and_expect_accept(&sock, &req, from, rc, "cisco");
 }
 
-#[test]
 fn radius_codec_paloalto_request_and_our_accept() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -261,7 +260,6 @@ NAS-IP-Address = 192.0.2.11
     answer_and_expect_accept(&sock, &req, from, rc, "paloalto");
 }
 
-#[test]
 fn radius_codec_fortinet_request_and_our_accept() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -311,7 +309,6 @@ fn expect_refused(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, rc: Radclient,
     assert!(out.contains("verification failed"), "{what}: {out}");
 }
 
-#[test]
 fn radius_codec_radclient_refuses_a_wrong_response_authenticator() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -325,7 +322,6 @@ fn radius_codec_radclient_refuses_a_wrong_response_authenticator() {
     expect_refused(&sock, &bytes, from, rc, "a wrong Response Authenticator");
 }
 
-#[test]
 fn radius_codec_radclient_refuses_a_wrong_message_authenticator() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -399,7 +395,6 @@ fn receive_accounting(sock: &UdpSocket, name: &str) -> (Packet, SocketAddr) {
     (req, from)
 }
 
-#[test]
 fn radius_codec_accounting_request_and_our_response() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -420,7 +415,6 @@ fn radius_codec_accounting_request_and_our_response() {
     assert!(out.contains("Received Accounting-Response Id"), "{out}");
 }
 
-#[test]
 fn radius_codec_radclient_refuses_a_wrong_accounting_response() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -441,7 +435,6 @@ fn radius_codec_radclient_refuses_a_wrong_accounting_response() {
     );
 }
 
-#[test]
 fn radius_codec_disconnect_request_and_our_ack() {
     if !have_tool("radclient", "freeradius-utils") {
         return;
@@ -478,7 +471,6 @@ Message-Authenticator = 0x00
 mod fuzz_check;
 
 /// Every seed and regression of the `radius_packet` fuzz target through its check.
-#[test]
 fn radius_codec_fuzz_inputs() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut inputs = Vec::new();
@@ -508,4 +500,18 @@ fn radius_codec_fuzz_inputs() {
         let outcome = std::panic::catch_unwind(|| fuzz_check::radius_packet(&data));
         assert!(outcome.is_ok(), "fuzz input {} fails", path.display());
     }
+}
+
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(radius_codec_cisco_anyconnect_request_and_our_accept, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_paloalto_request_and_our_accept, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_fortinet_request_and_our_accept, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_radclient_refuses_a_wrong_response_authenticator, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_radclient_refuses_a_wrong_message_authenticator, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_accounting_request_and_our_response, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_radclient_refuses_a_wrong_accounting_response, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_disconnect_request_and_our_ack, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_codec_fuzz_inputs),
+    ]
 }

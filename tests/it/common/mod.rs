@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+#[path = "../../support/daemon.rs"]
+pub mod daemon;
+pub mod harness;
 pub mod openvpn;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pforte::client::UnixClient;
@@ -24,7 +27,8 @@ pub fn e2e_required() -> bool {
     std::env::var("PFORTE_E2E").is_ok_and(|v| v == "1")
 }
 
-/// Skips (returns false) or fails loudly when a tool is missing.
+/// Skips (returns false) or fails loudly when a tool is missing. (A test that needs a tool also
+/// declares it where it is registered, so that the harness reports it as ignored.)
 pub fn have_tool(tool: &str, package: &str) -> bool {
     let found = Command::new("sh")
         .arg("-c")
@@ -310,59 +314,46 @@ level = 0
     }
 }
 
-/// The running daemon; killed on drop.
+/// The running daemon; killed on drop. Its process is [`daemon::Running`] (the start and the
+/// wait shared with the benches), reached through `Deref` (`d.child`).
 pub struct Daemon {
-    pub child: Child,
+    process: daemon::Running,
     pub port: u16,
     pub socket: PathBuf,
-    log: PathBuf,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = daemon::Running;
+    fn deref(&self) -> &daemon::Running {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut daemon::Running {
+        &mut self.process
+    }
 }
 
 impl Daemon {
     pub fn start(f: &Fixture) -> Daemon {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let log = f.path(&format!("serve-{n}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(f.config())
-            .env("PFORTE_LOG", "info")
-            .envs(f.setup.env.iter().map(|(k, v)| (k, v)))
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child,
+        let process = daemon::Running::start(daemon::Launch {
+            bin: bin(),
+            config: &f.config(),
+            port: f.port,
+            log_level: "info",
+            env: &f.setup.env,
+            output: daemon::Output::Log(f.path(&format!("serve-{n}.log"))),
+            ready_within: Duration::from_secs(20),
+            poll: Duration::from_millis(25),
+        });
+        Daemon {
+            process,
             port: f.port,
             socket: f.socket(),
-            log,
-        };
-        d.wait_ready();
-        d
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pforte exited early with {status}; log:\n{}", self.log());
-            }
-            if http_get(self.port, "/readyz").is_some_and(|(s, _)| s == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("pforte not ready within 20 s; log:\n{}", self.log());
     }
 
     pub fn metrics(&self) -> String {
@@ -394,13 +385,6 @@ impl Daemon {
 
     pub async fn client(&self) -> UnixClient {
         UnixClient::connect(&self.socket).await.unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -483,4 +467,19 @@ pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The harness's own checks (`openvpn::unit`), under their module's name.
+pub fn tests() -> Vec<harness::Case> {
+    use harness::Case;
+    const UNIT: &str = "it::common::openvpn::unit";
+    vec![
+        Case::new(
+            UNIT,
+            "hex_to_decimal_works",
+            &[],
+            openvpn::unit::hex_to_decimal_works,
+        ),
+        Case::new(UNIT, "prefixes", &[], openvpn::unit::prefixes),
+    ]
 }
