@@ -176,7 +176,7 @@ impl App {
                     ),
                     session_id: Some(session.id.clone()),
                     push: Some(Push {
-                        ifconfig: ifconfig(session, adm.pool),
+                        ifconfig: ifconfig(session, adm.network.or(adm.pool)),
                         routes: adm.routes.clone(),
                     }),
                 };
@@ -319,10 +319,9 @@ impl App {
                     snap.loaded_at,
                 );
                 self.sessions.set_pools(
-                    snap.rules
-                        .zones
-                        .values()
-                        .filter_map(|z| z.pool.map(|p| (z.name.clone(), p))),
+                    snap.rules.zones.values().filter_map(|z| {
+                        z.pool.map(|p| (z.name.clone(), p, z.network.unwrap_or(p)))
+                    }),
                 );
                 let devices = snap.registry.devices().len();
                 let users = snap.registry.user_count();
@@ -363,12 +362,15 @@ impl App {
     }
 }
 
-fn ifconfig(session: &Session, pool: Option<IpNet>) -> Option<Ifconfig> {
-    let pool = pool?;
+/// The address pushed to a client: from the zone's pool, with the netmask of the tunnel
+/// network the pool lies in (so that the server's address, the clients' gateway, is on the
+/// client's link).
+fn ifconfig(session: &Session, network: Option<IpNet>) -> Option<Ifconfig> {
+    let network = network?;
     let ip = session.tunnel_ip.filter(|_| session.pool_ip)?;
     Some(Ifconfig {
         ip,
-        netmask: pool.netmask().to_string(),
-        prefix_len: pool.prefix_len(),
+        netmask: network.netmask().to_string(),
+        prefix_len: network.prefix_len(),
     })
 }

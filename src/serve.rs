@@ -124,7 +124,7 @@ pub async fn run(
             .rules
             .zones
             .values()
-            .filter_map(|z| z.pool.map(|p| (z.name.clone(), p))),
+            .filter_map(|z| z.pool.map(|p| (z.name.clone(), p, z.network.unwrap_or(p)))),
     );
     tracing::info!(sessions = stored.len(), "sessions restored from the store");
     sessions.restore(stored);

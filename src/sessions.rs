@@ -31,6 +31,8 @@ struct Table {
 #[derive(Debug)]
 struct Pool {
     net: IpNet,
+    /// The tunnel network the pool lies in.
+    network: IpNet,
     used: HashSet<IpAddr>,
     cursor: u128,
 }
@@ -50,20 +52,31 @@ fn from_u128(net: &IpNet, n: u128) -> Option<IpAddr> {
 }
 
 impl Pool {
-    fn new(net: IpNet) -> Pool {
+    fn new(net: IpNet, network: IpNet) -> Pool {
         Pool {
             net,
+            network,
             used: HashSet::new(),
             cursor: 0,
         }
     }
 
-    /// Usable offsets: the network address, the first host (the VPN server's own tunnel
-    /// address) and, for IPv4, the broadcast address are never handed out.
+    /// Usable addresses, `lo..hi`: the pool's, less the tunnel network's own address, its
+    /// first host (the VPN server's tunnel address, the clients' gateway) and its last (the
+    /// broadcast address, for IPv4). The pool may be any part of the tunnel network.
     fn range(&self) -> (u128, u128) {
-        let base = to_u128(self.net.network());
-        let size = 1u128 << (self.net.max_prefix_len() - self.net.prefix_len()).min(64);
-        (base + 2, base + size - 1)
+        let span = |n: &IpNet| {
+            let base = to_u128(n.network());
+            (
+                base,
+                base + (1u128 << (n.max_prefix_len() - n.prefix_len()).min(64)),
+            )
+        };
+        let (pool_lo, pool_hi) = span(&self.net);
+        let (net_lo, net_hi) = span(&self.network);
+        let lo = pool_lo.max(net_lo + 2);
+        let hi = pool_hi.min(net_hi - 1);
+        (lo, hi.max(lo))
     }
 
     fn allocate(&mut self) -> Option<IpAddr> {
@@ -159,14 +172,15 @@ impl Sessions {
         self.kills.subscribe()
     }
 
-    /// Sets the zones' pools (at start and after a reload); addresses in use stay taken.
-    pub fn set_pools(&self, pools: impl IntoIterator<Item = (String, IpNet)>) {
+    /// Sets the zones' pools, each with the tunnel network it lies in (at start and after a
+    /// reload); addresses in use stay taken.
+    pub fn set_pools(&self, pools: impl IntoIterator<Item = (String, IpNet, IpNet)>) {
         let mut t = self.lock();
         let mut fresh: HashMap<String, Pool> = HashMap::new();
-        for (zone, net) in pools {
+        for (zone, net, network) in pools {
             let pool = match t.pools.remove(&zone) {
-                Some(p) if p.net == net => p,
-                _ => Pool::new(net),
+                Some(p) if p.net == net && p.network == network => p,
+                _ => Pool::new(net, network),
             };
             fresh.insert(zone, pool);
         }
@@ -517,7 +531,8 @@ mod tests {
 
     #[test]
     fn pool_skips_network_server_and_broadcast() {
-        let mut p = Pool::new("10.80.0.0/29".parse().unwrap());
+        let net: IpNet = "10.80.0.0/29".parse().unwrap();
+        let mut p = Pool::new(net, net);
         let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
         let want: Vec<IpAddr> = (2..=6)
             .map(|i| format!("10.80.0.{i}").parse().unwrap())
@@ -526,5 +541,27 @@ mod tests {
         p.used.remove(&"10.80.0.4".parse::<IpAddr>().unwrap());
         assert_eq!(p.allocate(), Some("10.80.0.4".parse().unwrap()));
         assert_eq!(p.allocate(), None);
+    }
+
+    #[test]
+    fn a_pool_inside_a_larger_tunnel_network_uses_all_of_its_hosts() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // OpenVPN `server 10.9.0.0 255.255.255.0` with pforte's pool in the upper half: every
+        // address of the /25 is a host of the /24 but its broadcast 10.9.0.255.
+        let mut p = Pool::new(
+            "10.9.0.128/25".parse().unwrap(),
+            "10.9.0.0/24".parse().unwrap(),
+        );
+        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
+        assert_eq!(got.len(), 127);
+        assert_eq!((got[0], got[126]), (ip("10.9.0.128"), ip("10.9.0.254")));
+        // In the lower half the gateway and the network address are never handed out.
+        let mut p = Pool::new(
+            "10.9.0.0/28".parse().unwrap(),
+            "10.9.0.0/24".parse().unwrap(),
+        );
+        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
+        assert_eq!(got.len(), 14);
+        assert_eq!((got[0], got[13]), (ip("10.9.0.2"), ip("10.9.0.15")));
     }
 }

@@ -409,6 +409,49 @@ routes = ["10.1.0.0/16", { prefix = "10.2.0.0/16", level = 2 }]
     }
 
     #[test]
+    fn the_pool_lies_in_the_tunnel_network_and_the_new_policy_keys_have_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let c = load_with_env(&write(d.path(), MINIMAL), HashMap::new()).unwrap();
+        let office = &c.rules.zones["office"];
+        assert_eq!(office.network, office.pool);
+        assert_eq!(c.rules.policy.revoke_on_reload, Revocation::AllChecks);
+        assert_eq!(c.rules.policy.revoke_patch_grace_days, 0);
+        assert_eq!(c.rules.policy.duplicate_device, DuplicateDevice::Replace);
+        assert_eq!(c.registry.max_removed_percent, 10);
+
+        let narrow = MINIMAL.replace(
+            "pool = \"10.80.0.0/24\"",
+            "pool = \"10.9.0.128/25\"\nnetwork = \"10.9.0.0/24\"",
+        );
+        let c = load_with_env(&write(d.path(), &narrow), HashMap::new()).unwrap();
+        assert_eq!(
+            c.rules.zones["office"].network,
+            Some("10.9.0.0/24".parse().unwrap())
+        );
+
+        let outside = narrow.replace("network = \"10.9.0.0/24\"", "network = \"10.8.0.0/24\"");
+        let e = load_with_env(&write(d.path(), &outside), HashMap::new()).unwrap_err();
+        assert_eq!(e.key, "zones[0].pool");
+        assert!(
+            e.problem.contains("outside the tunnel network 10.8.0.0/24"),
+            "{e}"
+        );
+
+        let bad = format!("{MINIMAL}[policy]\nrevoke_on_reload = \"some\"\n");
+        let e = load_with_env(&write(d.path(), &bad), HashMap::new()).unwrap_err();
+        assert_eq!(e.key, "policy.revoke_on_reload");
+        let bad = format!("{MINIMAL}[policy]\nduplicate_device = \"allow\"\n");
+        let e = load_with_env(&write(d.path(), &bad), HashMap::new()).unwrap_err();
+        assert_eq!(e.key, "policy.duplicate_device");
+        let bad = MINIMAL.replace(
+            "devices = \"d.csv\"",
+            "devices = \"d.csv\"\nmax_removed_percent = 101",
+        );
+        let e = load_with_env(&write(d.path(), &bad), HashMap::new()).unwrap_err();
+        assert_eq!(e.key, "registry.max_removed_percent");
+    }
+
+    #[test]
     fn env_overrides_file() {
         let d = tempfile::tempdir().unwrap();
         let env = HashMap::from([
