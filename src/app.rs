@@ -9,13 +9,24 @@ use ipnet::IpNet;
 use crate::audit::{Audit, AuditRecord};
 use crate::metrics::Metrics;
 use crate::policy;
-use crate::registry::Status;
 use crate::session::{Selector, Session};
 use crate::sessions::{Sessions, Unpersisted};
 use crate::state::{LoadError, State, unix_now};
 use crate::wire::{
-    ConnectRequest, ConnectResponse, Decision, DisconnectRequest, Ifconfig, Malformed, Push, Reason,
+    ConnectRequest, ConnectResponse, Decision, Denial, DisconnectRequest, Ifconfig, Malformed,
+    Push, Reason,
 };
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Devices now registered.
+    pub devices: usize,
+    /// Users now listed.
+    pub users: usize,
+    /// Live sessions ended because they would now be refused.
+    pub revoked: usize,
+}
 
 /// A connect decided up to its commit.
 enum Decided {
@@ -75,8 +86,13 @@ impl App {
         match self.decide_connect(req) {
             Decided::Done(resp) => resp,
             Decided::Admitted(a) => {
-                let (response, session) = match self.sessions.persist(a.admitted).await {
-                    Ok(session) => (a.response, Some(session)),
+                let displaced = a.admitted.displaced.clone();
+                let why = DISPLACED_WHY;
+                let (response, session) = match self.sessions.persist(a.admitted, why).await {
+                    Ok(session) => {
+                        self.record_displaced(&a.req, &displaced, why);
+                        (a.response, Some(session))
+                    }
                     Err(d) => (ConnectResponse::deny(&d), None),
                 };
                 self.record_timed(&a.req, &response, session.as_ref(), a.started);
@@ -112,12 +128,33 @@ impl App {
     /// as a refusal (`store_unavailable`) after its allow.
     pub async fn persist(&self, pending: PendingCommit) -> bool {
         let PendingCommit { admitted, req } = pending;
-        match self.sessions.persist(admitted).await {
-            Ok(_) => true,
+        let displaced = admitted.displaced.clone();
+        let why = DISPLACED_WHY;
+        match self.sessions.persist(admitted, why).await {
+            Ok(_) => {
+                self.record_displaced(&req, &displaced, why);
+                true
+            }
             Err(d) => {
                 self.record_decision(&req, &ConnectResponse::deny(&d), None);
                 false
             }
+        }
+    }
+
+    /// Audits and counts the sessions a connect of the same device from another address
+    /// replaced (they are already ended and asked of the VPN server to drop).
+    fn record_displaced(&self, req: &ConnectRequest, displaced: &[Session], why: &str) {
+        for s in displaced {
+            if let Some(audit) = &self.audit {
+                audit.record(&AuditRecord::duplicate(req, s, "replaced"), &self.metrics);
+                audit.record(&AuditRecord::end(s, why), &self.metrics);
+            }
+            self.metrics
+                .duplicate_devices
+                .with_label_values(&["replaced"])
+                .inc();
+            tracing::warn!(session = %s.id, why, "session replaced by a connect of the same device from another address");
         }
     }
 
@@ -148,11 +185,30 @@ impl App {
         let today = chrono::Utc::now().date_naive();
         let outcome = policy::evaluate(&req, &snap.rules, &snap.registry, today).and_then(|adm| {
             self.sessions
-                .admit_unpersisted(&adm, &req, &snap.rules.capacity, unix_now(), |s| {
-                    self.audit_line(&AuditRecord::allow(&req, s))
-                })
+                .admit_unpersisted(
+                    &adm,
+                    &req,
+                    &snap.rules.capacity,
+                    snap.rules.policy.duplicate_device,
+                    unix_now(),
+                    |s| self.audit_line(&AuditRecord::allow(&req, s)),
+                )
                 .map(|admitted| (adm.clone(), admitted))
                 .inspect_err(|d| {
+                    if d.reason == Reason::DuplicateDevice {
+                        self.metrics
+                            .duplicate_devices
+                            .with_label_values(&["refused"])
+                            .inc();
+                        if let Some(audit) = &self.audit {
+                            for live in self.sessions.of_device(&adm.device_id) {
+                                audit.record(
+                                    &AuditRecord::duplicate(&req, &live, "refused"),
+                                    &self.metrics,
+                                );
+                            }
+                        }
+                    }
                     if matches!(
                         d.reason,
                         Reason::CapacityFull | Reason::OrgUnitQuota | Reason::UserSessionLimit
@@ -302,12 +358,17 @@ impl App {
         true
     }
 
-    /// Reloads config and registry; on success ends sessions whose device is no longer
-    /// registered and active. On failure the old state stays and the failure is counted.
-    pub async fn reload(self: &Arc<Self>, trigger: &str) -> Result<(usize, usize), LoadError> {
+    /// Reloads config and registry; on success re-decides the live sessions and ends those now
+    /// refused ([`App::revoke_sessions`]). On failure (an invalid file, or without `force` a
+    /// registry that drops too many devices) the old state stays and the failure is counted.
+    pub async fn reload(
+        self: &Arc<Self>,
+        trigger: &str,
+        force: bool,
+    ) -> Result<Reloaded, LoadError> {
         let _guard = self.reload_lock.lock().await;
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || state.reload())
+        let result = tokio::task::spawn_blocking(move || state.reload(force))
             .await
             .unwrap_or_else(|e| Err(LoadError::Interrupted(e.to_string())));
         match result {
@@ -325,42 +386,66 @@ impl App {
                 );
                 let devices = snap.registry.devices().len();
                 let users = snap.registry.user_count();
-                tracing::info!(trigger, devices, users, "registry reloaded");
-                self.revoke_sessions().await;
-                Ok((devices, users))
+                tracing::info!(trigger, devices, users, force, "registry reloaded");
+                let revoked = self.revoke_sessions().await;
+                Ok(Reloaded {
+                    devices,
+                    users,
+                    revoked,
+                })
             }
             Err(e) => {
                 self.state.mark_seen();
                 self.metrics.registry_reload_failures.inc();
+                if matches!(e, LoadError::MassRemoval { .. }) {
+                    self.metrics.registry_mass_removals.inc();
+                }
                 tracing::error!(trigger, error = %e, "reload failed; the previous registry stays in force");
                 Err(e)
             }
         }
     }
 
-    /// Ends live sessions whose device is gone from the registry or no longer active.
-    async fn revoke_sessions(&self) {
+    /// Re-decides every live session against the registry and rules now in force (device and
+    /// person checks, not capacity: [`policy::recheck`]) and ends, through the VPN server, each
+    /// that would now be refused, with its reason in the audit log and the
+    /// `pforte_sessions_revoked_total` metric. Returns how many it ended.
+    async fn revoke_sessions(&self) -> usize {
         let snap = self.state.current();
-        let revoked: Vec<(Session, String)> = self
+        let today = chrono::Utc::now().date_naive();
+        let revoked: Vec<(Session, Denial)> = self
             .sessions
             .list()
             .into_iter()
             .filter_map(|s| {
-                let why = match snap.registry.device_by_id(&s.device_id) {
-                    None => "device removed from the registry".to_string(),
-                    Some(d) if d.status != Status::Active => {
-                        format!("device marked {}", d.status.as_str())
-                    }
-                    Some(_) => return None,
+                let live = policy::Live {
+                    device_id: &s.device_id,
+                    username: &s.username,
+                    zone: &s.zone,
                 };
-                Some((s, why))
+                let denial = policy::recheck(live, &snap.rules, &snap.registry, today).err()?;
+                Some((s, denial))
             })
             .collect();
-        for (s, why) in revoked {
-            self.kill(&Selector::Id(s.id.clone()), &why).await;
+        let mut ended = 0;
+        for (s, d) in revoked {
+            let why = format!("revoked on reload: {}: {}", d.reason, d.message);
+            if self.kill(&Selector::Id(s.id.clone()), &why).await.is_some() {
+                self.metrics
+                    .sessions_revoked
+                    .with_label_values(&[d.reason.as_str()])
+                    .inc();
+                ended += 1;
+            }
         }
+        ended
     }
 }
+
+/// Why a session is ended for a connect of its device from another address. The addresses go
+/// to the audit log's `duplicate_device` record (pseudonymised where configured), not here.
+const DISPLACED_WHY: &str =
+    "replaced: the same device connected from another address (policy.duplicate_device = replace)";
 
 /// The address pushed to a client: from the zone's pool, with the netmask of the tunnel
 /// network the pool lies in (so that the server's address, the clients' gateway, is on the

@@ -44,6 +44,9 @@ pub struct AuditRecord<'a> {
     pub username: Cow<'a, str>,
     /// Real remote address.
     pub remote_addr: Cow<'a, str>,
+    /// The other real address of a device seen twice (`duplicate_device` events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_remote_addr: Option<Cow<'a, str>>,
     /// Session id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<&'a str>,
@@ -78,6 +81,7 @@ impl<'a> AuditRecord<'a> {
             device_id: session.map(|s| s.device_id.as_str()).unwrap_or(""),
             username: Cow::Borrowed(req.identity()),
             remote_addr: Cow::Borrowed(&req.remote_addr),
+            other_remote_addr: None,
             session_id: session.map(|s| s.id.as_str()),
             bytes_received: None,
             bytes_sent: None,
@@ -98,6 +102,7 @@ impl<'a> AuditRecord<'a> {
             device_id: &session.device_id,
             username: Cow::Borrowed(req.identity()),
             remote_addr: Cow::Borrowed(&req.remote_addr),
+            other_remote_addr: None,
             session_id: Some(&session.id),
             bytes_received: None,
             bytes_sent: None,
@@ -118,9 +123,36 @@ impl<'a> AuditRecord<'a> {
             device_id: &s.device_id,
             username: Cow::Borrowed(&s.username),
             remote_addr: Cow::Borrowed(&s.remote_addr),
+            other_remote_addr: None,
             session_id: Some(&s.id),
             bytes_received: Some(s.bytes_received),
             bytes_sent: Some(s.bytes_sent),
+        }
+    }
+
+    /// A device connecting while it holds a live session from another address: the connect's
+    /// address and the live session's, and what was done (`replaced` or `refused`).
+    pub fn duplicate(
+        req: &'a ConnectRequest,
+        live: &'a Session,
+        action: &'static str,
+    ) -> AuditRecord<'a> {
+        AuditRecord {
+            time: now(),
+            event: "duplicate_device",
+            decision: None,
+            reason: Some(action.to_string()),
+            vpn: &req.vpn,
+            instance: &req.instance,
+            zone: &live.zone,
+            org_unit: &live.org_unit,
+            device_id: &live.device_id,
+            username: Cow::Borrowed(req.identity()),
+            remote_addr: Cow::Borrowed(&req.remote_addr),
+            other_remote_addr: Some(Cow::Borrowed(&live.remote_addr)),
+            session_id: Some(&live.id),
+            bytes_received: None,
+            bytes_sent: None,
         }
     }
 }
@@ -239,6 +271,10 @@ impl Audit {
                     } else {
                         Cow::Owned(key.pseudonym(address_only(&rec.remote_addr)))
                     },
+                    other_remote_addr: rec
+                        .other_remote_addr
+                        .as_ref()
+                        .map(|a| Cow::Owned(key.pseudonym(address_only(a)))),
                     time: rec.time.clone(),
                     reason: rec.reason.clone(),
                     ..*rec

@@ -64,6 +64,12 @@ pub struct Metrics {
     pub audit_errors: IntCounter,
     /// Capacity refusals by org unit and reason.
     pub capacity_refusals: IntCounterVec,
+    /// Live sessions a reload ended because they would now be refused, by reason.
+    pub sessions_revoked: IntCounterVec,
+    /// Connects of a device that held a session from another address, by action taken.
+    pub duplicate_devices: IntCounterVec,
+    /// Reloads refused because they would remove too many devices at once.
+    pub registry_mass_removals: IntCounter,
 }
 
 fn counter_vec(
@@ -242,6 +248,23 @@ impl Metrics {
                 "Refusals for capacity (capacity_full, org_unit_quota, user_session_limit) by org unit.",
                 &["org_unit", "reason"],
             )?,
+            sessions_revoked: counter_vec(
+                &r,
+                "pforte_sessions_revoked_total",
+                "Live sessions ended by a reload because the new registry or policy refuses them.",
+                &["reason"],
+            )?,
+            duplicate_devices: counter_vec(
+                &r,
+                "pforte_duplicate_devices_total",
+                "Connects of a device that held a live session from another address (replaced: the old session was ended; refused).",
+                &["action"],
+            )?,
+            registry_mass_removals: counter(
+                &r,
+                "pforte_registry_mass_removals_refused_total",
+                "Registry reloads refused because they would remove more than registry.max_removed_percent of the devices.",
+            )?,
             registry: r,
         })
     }
@@ -253,6 +276,12 @@ impl Metrics {
             self.decisions.with_label_values(&["deny", reason.as_str()]);
         }
         self.decisions.with_label_values(&["allow", "allowed"]);
+        for reason in Reason::ALL {
+            self.sessions_revoked.with_label_values(&[reason.as_str()]);
+        }
+        for action in ["replaced", "refused"] {
+            self.duplicate_devices.with_label_values(&[action]);
+        }
         self.seats_capacity
             .set(i64::from(rules.capacity.max_sessions));
         self.seats_reserved

@@ -165,7 +165,7 @@ pub async fn run(
             }
             Some(()) = control.reload.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                let _ = app.reload("SIGHUP").await;
+                let _ = app.reload("SIGHUP", false).await;
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
         }
@@ -198,7 +198,7 @@ async fn watch_files(app: Arc<App>, every: Duration, mut shutdown: watch::Receiv
         tokio::select! {
             _ = tick.tick() => {
                 if app.state.files_changed() {
-                    let _ = app.reload("file change").await;
+                    let _ = app.reload("file change", false).await;
                 }
             }
             _ = shutdown.changed() => return,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::IpNet;
 use tokio::sync::broadcast;
 
-use crate::config::{Capacity, FailMode};
+use crate::config::{Capacity, DuplicateDevice, FailMode};
 use crate::metrics::Metrics;
 use crate::policy::{Admission, Occupancy, check_capacity};
 use crate::session::{KillRequest, Selector, Session};
@@ -22,6 +22,8 @@ type Key = (String, String, String);
 struct Table {
     by_id: HashMap<String, Session>,
     by_key: HashMap<Key, String>,
+    /// Live session ids of each device.
+    by_device: HashMap<String, Vec<String>>,
     per_user: HashMap<String, u32>,
     per_org_unit: HashMap<String, u32>,
     pools: HashMap<String, Pool>,
@@ -142,6 +144,18 @@ pub struct Unpersisted {
     /// The session.
     pub session: Session,
     line: Option<Vec<u8>>,
+    /// Sessions of the same device from another address that this one replaces
+    /// (`policy.duplicate_device = "replace"`): out of the table, ended at the VPN server once
+    /// this one is committed, put back if it is not.
+    pub displaced: Vec<Session>,
+}
+
+/// The IP address of a `remote_addr` (ip:port or a bare ip), if it names one.
+fn remote_ip(addr: &str) -> Option<IpAddr> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|s| s.ip())
+        .or_else(|_| addr.parse::<IpAddr>())
+        .ok()
 }
 
 impl Sessions {
@@ -215,6 +229,10 @@ impl Sessions {
             p.used.insert(ip);
         }
         *t.per_user.entry(s.username.clone()).or_default() += 1;
+        t.by_device
+            .entry(s.device_id.clone())
+            .or_default()
+            .push(s.id.clone());
         *t.per_org_unit.entry(s.org_unit.clone()).or_default() += 1;
         if !s.session_key.is_empty() {
             t.by_key.insert(
@@ -237,6 +255,12 @@ impl Sessions {
             t.by_key.remove(&key);
         }
         decrement(&mut t.per_user, &s.username);
+        if let Some(ids) = t.by_device.get_mut(&s.device_id) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                t.by_device.remove(&s.device_id);
+            }
+        }
         decrement(&mut t.per_org_unit, &s.org_unit);
         if s.pool_ip
             && let (Some(ip), Some(p)) = (s.tunnel_ip, t.pools.get_mut(&s.zone))
@@ -256,15 +280,20 @@ impl Sessions {
     /// session is recovered otherwise: see `App::connect_answer_first`). A session the VPN
     /// already had under the same key is replaced (the VPN reused the key, so the old one is
     /// gone).
+    ///
+    /// A device that holds a live session from another real address (a copied certificate, or
+    /// a laptop that changed networks) is refused with `duplicate_device`, or its old sessions
+    /// are displaced (`duplicate`), as the policy says.
     pub fn admit_unpersisted(
         &self,
         adm: &Admission,
         req: &ConnectRequest,
         capacity: &Capacity,
+        duplicate: DuplicateDevice,
         now_unix: i64,
         audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Result<Unpersisted, Denial> {
-        let (session, replaced) = {
+        let (session, replaced, displaced) = {
             let mut t = self.lock();
             let replaced = if req.session_key.is_empty() {
                 None
@@ -279,16 +308,46 @@ impl Sessions {
                     None => None,
                 }
             };
+            let others: Vec<Session> = match remote_ip(&req.remote_addr) {
+                None => Vec::new(),
+                Some(ip) => t
+                    .by_device
+                    .get(&adm.device_id)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| t.by_id.get(id))
+                    .filter(|s| remote_ip(&s.remote_addr).is_some_and(|old| old != ip))
+                    .cloned()
+                    .collect(),
+            };
+            if let Some(old) = others.first()
+                && duplicate == DuplicateDevice::Refuse
+            {
+                return Err(Denial {
+                    reason: Reason::DuplicateDevice,
+                    message: format!(
+                        "Device {} already has a live session from {} and now connects from {}; its certificate may have been copied.",
+                        adm.device_id, old.remote_addr, req.remote_addr
+                    ),
+                });
+            }
+            for old in &others {
+                self.remove_locked(&mut t, &old.id);
+            }
             let occupancy = Occupancy {
                 total: t.by_id.len() as u32,
                 org_unit: t.per_org_unit.get(&adm.org_unit).copied().unwrap_or(0),
                 user: t.per_user.get(&adm.username).copied().unwrap_or(0),
             };
-            check_capacity(adm, occupancy, capacity)?;
+            if let Err(d) = check_capacity(adm, occupancy, capacity) {
+                self.restore_locked(&mut t, others);
+                return Err(d);
+            }
             let (tunnel_ip, pool_ip) = match adm.pool {
                 Some(_) => match t.pools.get_mut(&adm.zone).and_then(Pool::allocate) {
                     Some(ip) => (Some(ip), true),
                     None => {
+                        self.restore_locked(&mut t, others);
                         return Err(Denial {
                             reason: Reason::CapacityFull,
                             message: format!("The address pool of zone {} is exhausted.", adm.zone),
@@ -317,39 +376,80 @@ impl Sessions {
                 bytes_sent: 0,
             };
             self.insert_locked(&mut t, session.clone());
-            (session, replaced)
+            (session, replaced, others)
         };
         if let Some(old) = replaced {
             self.account_end(&old, now_unix);
             self.store.queue(StoreOp::Delete(old.id), None);
         }
         let line = audit_line(&session);
-        Ok(Unpersisted { session, line })
+        Ok(Unpersisted {
+            session,
+            line,
+            displaced,
+        })
+    }
+
+    /// Puts sessions taken out for a connect back, when the connect does not go ahead.
+    fn restore_locked(&self, t: &mut Table, sessions: Vec<Session>) {
+        for s in sessions {
+            self.insert_locked(t, s);
+        }
     }
 
     /// Commits an admitted session (with its audit line). If the store fails and the fail
     /// mode is closed, the session is taken out of the table again and refused.
-    pub async fn persist(&self, admitted: Unpersisted) -> Result<Session, Denial> {
-        let Unpersisted { session, line } = admitted;
-        match self
+    ///
+    /// Sessions the new one displaced are ended once it is committed: out of the store, and
+    /// asked of the VPN server to drop (with `why_displaced`); if it is refused they are back.
+    pub async fn persist(
+        &self,
+        admitted: Unpersisted,
+        why_displaced: &str,
+    ) -> Result<Session, Denial> {
+        let Unpersisted {
+            session,
+            line,
+            displaced,
+        } = admitted;
+        let committed = self
             .store
             .commit(StoreOp::Insert(Box::new(session.clone())), line)
-            .await
-        {
-            Ok(()) => Ok(session),
+            .await;
+        match committed {
+            Ok(()) => {
+                self.end_displaced(displaced, why_displaced);
+                Ok(session)
+            }
             Err(e) if self.fail_mode == FailMode::Open => {
                 tracing::error!(error = %e, session = %session.id, "session admitted without persistence (fail_mode = open)");
+                self.end_displaced(displaced, why_displaced);
                 Ok(session)
             }
             Err(e) => {
                 tracing::error!(error = %e, "session store failed; connection refused (fail_mode = closed)");
                 let mut t = self.lock();
                 self.remove_locked(&mut t, &session.id);
+                self.restore_locked(&mut t, displaced);
                 Err(Denial {
                     reason: Reason::StoreUnavailable,
                     message: "The session store cannot record sessions right now.".into(),
                 })
             }
+        }
+    }
+
+    /// Ends displaced sessions (already out of the table): the store forgets them and the VPN
+    /// integrations are asked to drop them.
+    fn end_displaced(&self, displaced: Vec<Session>, why: &str) {
+        let now = crate::state::unix_now();
+        for s in displaced {
+            self.account_end(&s, now);
+            self.store.queue(StoreOp::Delete(s.id.clone()), None);
+            let _ = self.kills.send(KillRequest {
+                session: s,
+                why: why.to_string(),
+            });
         }
     }
 
@@ -469,6 +569,17 @@ impl Sessions {
             .session_duration
             .with_label_values(&[&s.zone])
             .observe(secs);
+    }
+
+    /// The live sessions of a device.
+    pub fn of_device(&self, device_id: &str) -> Vec<Session> {
+        let t = self.lock();
+        t.by_device
+            .get(device_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| t.by_id.get(id).cloned())
+            .collect()
     }
 
     /// A copy of every live session.

@@ -24,6 +24,18 @@ pub enum LoadError {
     /// A file anyone may write.
     #[error("{0}: writable by every user; refusing to trust it (chmod o-w)")]
     WorldWritable(String),
+    /// A reload would remove more of the devices than `registry.max_removed_percent` allows.
+    #[error(
+        "the new device registry drops {removed} of {total} devices, more than registry.max_removed_percent = {limit} % allows (an export cut short?); the previous registry stays. If this is intended: pforte reload --force"
+    )]
+    MassRemoval {
+        /// Devices of the registry in force that the new one lacks.
+        removed: usize,
+        /// Devices of the registry in force.
+        total: usize,
+        /// The configured limit, in percent.
+        limit: u32,
+    },
     /// The reload's worker thread failed before it could say why (it panicked or was cancelled).
     #[error("the reload did not finish: {0}")]
     Interrupted(String),
@@ -139,12 +151,20 @@ impl State {
         self.current.load_full()
     }
 
-    /// Re-reads the config file and the registry; swaps only if all of it is valid.
+    /// Re-reads the config file and the registry; swaps only if all of it is valid and, unless
+    /// `force`, it removes no more than `registry.max_removed_percent` of the devices.
     /// Blocking (file I/O and parsing): call from a blocking thread.
-    pub fn reload(&self) -> Result<Arc<Snapshot>, LoadError> {
+    pub fn reload(&self, force: bool) -> Result<Arc<Snapshot>, LoadError> {
         let config = config::load(&self.config_path)?;
         let stamps = FileStamps::of(&watched(&config));
         let snapshot = Arc::new(build_paced(&config, true)?);
+        if !force {
+            check_removals(
+                &self.current().registry,
+                &snapshot.registry,
+                config.registry.max_removed_percent,
+            )?;
+        }
         self.current.store(snapshot.clone());
         *crate::sync::lock(&self.stamps) = stamps;
         Ok(snapshot)
@@ -162,6 +182,24 @@ impl State {
         let mut stamps = crate::sync::lock(&self.stamps);
         *stamps = stamps.refresh();
     }
+}
+
+/// Refuses a new registry that lacks more than `limit` percent of the devices in force.
+fn check_removals(old: &Registry, new: &Registry, limit: u32) -> Result<(), LoadError> {
+    let total = old.devices().len();
+    let removed = old
+        .devices()
+        .iter()
+        .filter(|d| new.device_by_id(&d.id).is_none())
+        .count();
+    if removed as u128 * 100 > total as u128 * u128::from(limit) {
+        return Err(LoadError::MassRemoval {
+            removed,
+            total,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 fn watched(config: &Config) -> Vec<PathBuf> {

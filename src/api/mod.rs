@@ -238,6 +238,14 @@ async fn drain(graceful: GracefulShutdown) {
     }
 }
 
+/// Whether `?name=true` (or `1`, or a bare `name`) is in a query string.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.unwrap_or("").split('&').any(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
+        k == name && matches!(v, "true" | "1" | "yes")
+    })
+}
+
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
@@ -461,16 +469,19 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                 None => error(StatusCode::NOT_FOUND, format!("no live session {id}")),
             }
         }
-        (&Method::POST, "/v1/registry/reload") => match api.app.reload("api").await {
-            Ok((devices, users)) => json_response(
-                StatusCode::OK,
-                &json!({"result": "reloaded", "devices": devices, "users": users}),
-            ),
-            Err(e) => error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload refused, previous registry kept: {e}"),
-            ),
-        },
+        (&Method::POST, "/v1/registry/reload") => {
+            let force = query_flag(req.uri().query(), "force");
+            match api.app.reload("api", force).await {
+                Ok(r) => json_response(
+                    StatusCode::OK,
+                    &json!({"result": "reloaded", "devices": r.devices, "users": r.users, "revoked": r.revoked}),
+                ),
+                Err(e) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("reload refused, previous registry kept: {e}"),
+                ),
+            }
+        }
         (
             _,
             "/v1/connect"
