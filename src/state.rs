@@ -184,7 +184,12 @@ impl State {
     }
 }
 
-/// Refuses a new registry that lacks more than `limit` percent of the devices in force.
+/// Devices a reload may always remove, whatever the share: a small registry (a test, a small
+/// office) loses a large share with a few retirements.
+const REMOVALS_ALWAYS_ALLOWED: usize = 10;
+
+/// Refuses a new registry that lacks more than `limit` percent of the devices in force (and
+/// more than [`REMOVALS_ALWAYS_ALLOWED`]).
 fn check_removals(old: &Registry, new: &Registry, limit: u32) -> Result<(), LoadError> {
     let total = old.devices().len();
     let removed = old
@@ -192,7 +197,9 @@ fn check_removals(old: &Registry, new: &Registry, limit: u32) -> Result<(), Load
         .iter()
         .filter(|d| new.device_by_id(&d.id).is_none())
         .count();
-    if removed as u128 * 100 > total as u128 * u128::from(limit) {
+    if removed > REMOVALS_ALWAYS_ALLOWED
+        && removed as u128 * 100 > total as u128 * u128::from(limit)
+    {
         return Err(LoadError::MassRemoval {
             removed,
             total,

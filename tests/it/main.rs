@@ -18,6 +18,7 @@ mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
+mod revocation;
 
 fn main() -> std::process::ExitCode {
     let cases = [
@@ -34,6 +35,7 @@ fn main() -> std::process::ExitCode {
         openvpn_mgmt_e2e::tests(),
         ops::tests(),
         radius_codec::tests(),
+        revocation::tests(),
     ];
     common::harness::main(cases.into_iter().flatten().collect())
 }
