@@ -21,6 +21,8 @@ pub const ERROR: i32 = 2;
 pub struct CheckArgs {
     /// Config file.
     pub config: PathBuf,
+    /// Device inventory id (instead of a certificate).
+    pub device: Option<String>,
     /// Certificate fingerprint.
     pub cert_sha256: Option<String>,
     /// Certificate serial.
@@ -60,7 +62,7 @@ pub fn explain(args: &CheckArgs) -> Result<(bool, String), String> {
             "(Checked for zone {zone}; pass --zone to choose another.)"
         ));
     }
-    if args.hwaddr.is_none() {
+    if args.hwaddr.is_none() && args.device.is_none() {
         cfg.rules.policy.require_hwaddr = false;
         notes.push("(No --hwaddr given: the hardware-address check was skipped.)".to_string());
     }
@@ -77,7 +79,27 @@ pub fn explain(args: &CheckArgs) -> Result<(bool, String), String> {
         ..Default::default()
     };
     let today = chrono::Utc::now().date_naive();
-    let (allowed, head) = match policy::evaluate(&req, &snap.rules, &snap.registry, today) {
+    let outcome = match &args.device {
+        Some(id) => {
+            notes.push(
+                "(Device named by its inventory id: the certificate and hardware address were not checked.)"
+                    .to_string(),
+            );
+            policy::evaluate_device(
+                id,
+                &args.user,
+                &req.zone,
+                &snap.rules,
+                &snap.registry,
+                today,
+            )
+        }
+        None if req.cert_sha256.is_empty() && req.cert_serial.is_empty() => {
+            return Err("give --device, --cert-sha256 or --cert-serial".to_string());
+        }
+        None => policy::evaluate(&req, &snap.rules, &snap.registry, today),
+    };
+    let (allowed, head) = match outcome {
         Ok(adm) => (
             true,
             format!(

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// The layers, from the entry points down. A module may use its own layer or one below it.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("entry points", &["check", "hook", "serve"]),
+    ("entry points", &["check", "ctl", "hook", "serve"]),
     ("transports", &["api", "client", "vpn"]),
     ("operations", &["app"]),
     ("domain", &["policy", "registry", "sessions", "state"]),

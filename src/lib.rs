@@ -19,6 +19,7 @@ pub mod bandwidth;
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod hook;
 pub mod metrics;
 pub mod net;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
-use pforte::{check, config, hook, serve, vpn::openvpn::HookSettings};
+use pforte::{check, config, ctl, hook, serve, vpn::openvpn::HookSettings};
 
 /// mimalloc instead of glibc's malloc: the daemon allocates a request's state on a tokio worker
 /// and frees much of it on the store thread; glibc serialises such cross-thread frees on its
@@ -46,6 +46,9 @@ enum Command {
         /// Config file.
         #[arg(long, default_value = "/etc/pforte/pforte.toml")]
         config: PathBuf,
+        /// Device inventory id (asset tag), instead of a certificate.
+        #[arg(long, conflicts_with_all = ["cert_sha256", "cert_serial"])]
+        device: Option<String>,
         /// Certificate SHA-256 fingerprint (hex, with or without colons).
         #[arg(long)]
         cert_sha256: Option<String>,
@@ -62,11 +65,122 @@ enum Command {
         #[arg(long)]
         hwaddr: Option<String>,
     },
+    /// List live sessions (a table, or --json), filtered by zone, org unit, user or device.
+    Sessions {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End live sessions (by session id, user or device), through the VPN server.
+    Kill {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Reload config and registry; live sessions now refused are ended.
+    Reload {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Accept a registry that drops more devices than registry.max_removed_percent.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Seats used and free, sessions per zone and org unit, quotas, management connections,
+    /// the registry's age.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest decisions for a person or a device, from the audit log (for the help desk).
+    Decisions {
+        /// Config file (names the audit log and its pseudonymisation key).
+        #[arg(long, default_value = "/etc/pforte/pforte.toml")]
+        config: PathBuf,
+        /// User name.
+        #[arg(long)]
+        user: Option<String>,
+        /// Device inventory id.
+        #[arg(long)]
+        device: Option<String>,
+        /// How many of the newest to show.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+    },
     /// Run as a VPN server's hook script.
     Hook {
         #[command(subcommand)]
         vpn: HookKind,
     },
+}
+
+/// Where the daemon is.
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// The daemon's Unix socket (default: the config's server.socket, else /run/pforte/pforte.sock).
+    #[arg(long, env = "PFORTE_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Config file to read the socket path from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Which sessions.
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// Session id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Org unit.
+    #[arg(long)]
+    org_unit: Option<String>,
+    /// User name.
+    #[arg(long)]
+    user: Option<String>,
+    /// Device inventory id.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl From<FilterArgs> for ctl::Filter {
+    fn from(f: FilterArgs) -> ctl::Filter {
+        ctl::Filter {
+            id: f.id,
+            zone: f.zone,
+            org_unit: f.org_unit,
+            user: f.user,
+            device: f.device,
+        }
+    }
+}
+
+/// Runs an operator command: its exit code, or its error on stderr with code 2.
+fn operator(
+    name: &str,
+    daemon: Option<DaemonArgs>,
+    run: impl FnOnce(&std::path::Path) -> Result<u8, ctl::CtlError>,
+) -> ExitCode {
+    let socket = match daemon {
+        Some(d) => ctl::socket_path(d.socket, d.config.as_deref()),
+        None => Ok(PathBuf::new()),
+    };
+    match socket.and_then(|s| run(&s)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("pforte {name}: {e}");
+            ExitCode::from(ctl::ERROR)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -148,8 +262,33 @@ fn main() -> ExitCode {
         Command::Hook { vpn } => {
             ExitCode::from(hook::run_openvpn(&hook_options(vpn), &hook::environment()) as u8)
         }
+        Command::Sessions {
+            daemon,
+            filter,
+            json,
+        } => operator("sessions", Some(daemon), |s| {
+            ctl::sessions(s, &filter.into(), json)
+        }),
+        Command::Kill { daemon, filter } => {
+            operator("kill", Some(daemon), |s| ctl::kill(s, &filter.into()))
+        }
+        Command::Reload { daemon, force } => {
+            operator("reload", Some(daemon), |s| ctl::reload(s, force))
+        }
+        Command::Status { daemon, json } => {
+            operator("status", Some(daemon), |s| ctl::status(s, json))
+        }
+        Command::Decisions {
+            config,
+            user,
+            device,
+            last,
+        } => operator("decisions", None, |_| {
+            ctl::decisions(&config, &ctl::DecisionQuery { user, device, last })
+        }),
         Command::Check {
             config,
+            device,
             cert_sha256,
             cert_serial,
             user,
@@ -158,6 +297,7 @@ fn main() -> ExitCode {
         } => {
             let args = check::CheckArgs {
                 config,
+                device,
                 cert_sha256,
                 cert_serial,
                 user,

@@ -144,6 +144,23 @@ pub fn evaluate(
     check_person(req.identity(), &req.zone, rules, registry, device)
 }
 
+/// The registry entry a request names: by certificate fingerprint, else (where configured) by
+/// serial.
+pub fn find_device<'r>(
+    req: &ConnectRequest,
+    rules: &Rules,
+    registry: &'r Registry,
+) -> Option<&'r Device> {
+    let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
+    by_fp.or_else(|| {
+        if rules.policy.match_serial {
+            normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
+        } else {
+            None
+        }
+    })
+}
+
 /// The device checks alone (registered, hardware address, private, status, encryption,
 /// patch), for OpenVPN's tls-verify phase, where the client has not yet reported its hardware
 /// address: with `hwaddr_reported = false` a missing address is not a mismatch.
@@ -155,23 +172,12 @@ pub fn check_device<'r>(
     hwaddr_reported: bool,
 ) -> Result<&'r Device, Denial> {
     let policy = &rules.policy;
-    let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
-    let device = match by_fp {
-        Some(d) => d,
-        None => {
-            let by_serial = if policy.match_serial {
-                normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
-            } else {
-                None
-            };
-            by_serial.ok_or_else(|| {
-                deny(
-                    Reason::UnregisteredDevice,
-                    "This device's certificate is not registered in the device inventory.",
-                )
-            })?
-        }
-    };
+    let device = find_device(req, rules, registry).ok_or_else(|| {
+        deny(
+            Reason::UnregisteredDevice,
+            "This device's certificate is not registered in the device inventory.",
+        )
+    })?;
 
     if !device.hwaddr.is_empty() {
         match HwAddr::parse(&req.hwaddr) {
@@ -370,6 +376,26 @@ fn check_person(
             .map(|r| r.prefix)
             .collect(),
     })
+}
+
+/// Every check but capacity and the hardware address for a device named by its inventory id
+/// (`pforte check --device`: the help desk knows the asset tag, not the certificate).
+pub fn evaluate_device(
+    device_id: &str,
+    username: &str,
+    zone: &str,
+    rules: &Rules,
+    registry: &Registry,
+    today: NaiveDate,
+) -> Result<Admission, Denial> {
+    let Some(device) = registry.device_by_id(device_id) else {
+        return Err(deny(
+            Reason::UnregisteredDevice,
+            format!("There is no device {device_id} in the device inventory."),
+        ));
+    };
+    check_standing(device, zone, &rules.policy, today, 0)?;
+    check_person(username, zone, rules, registry, device)
 }
 
 /// A live session's device and person, as a reload re-decides them.

@@ -50,6 +50,8 @@ pub struct Snapshot {
     pub registry: Registry,
     /// Zone of each OpenVPN instance (for requests that name an instance but no zone).
     pub instance_zones: HashMap<String, String>,
+    /// OpenVPN instances pforte keeps a management connection to.
+    pub managed_instances: Vec<String>,
     /// Unix time it was loaded.
     pub loaded_at: i64,
 }
@@ -116,6 +118,12 @@ pub fn build_paced(config: &Config, paced: bool) -> Result<Snapshot, LoadError> 
             .openvpn
             .iter()
             .map(|o| (o.instance.clone(), o.zone.clone()))
+            .collect(),
+        managed_instances: config
+            .openvpn
+            .iter()
+            .filter(|o| o.management.is_some())
+            .map(|o| o.instance.clone())
             .collect(),
         loaded_at: unix_now(),
     })

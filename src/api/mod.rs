@@ -442,6 +442,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
                 Err(m) => error(StatusCode::BAD_REQUEST, m.0),
             }
         }
+        (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &api.app.status()),
         (&Method::GET, "/v1/sessions") => {
             let sessions = api.app.sessions.list();
             json_response(
@@ -488,6 +489,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
             | "/v1/verify"
             | "/v1/disconnect"
             | "/v1/sessions"
+            | "/v1/status"
             | "/v1/registry/reload",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -7,6 +7,7 @@
 
 mod cli;
 mod common;
+mod ctl;
 mod daemon;
 mod faults;
 mod fuzz_regressions;
@@ -24,6 +25,7 @@ fn main() -> std::process::ExitCode {
     let cases = [
         cli::tests(),
         common::tests(),
+        ctl::tests(),
         daemon::tests(),
         faults::tests(),
         fuzz_regressions::tests(),
