@@ -345,6 +345,17 @@ fn main() -> ExitCode {
 
 fn serve_main(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
+    // Before any socket is opened: systemd and most shells start processes with a soft limit
+    // of 1,024 open files, fewer than `server.max_connections` hooks at once need.
+    match pforte::net::raise_open_files_limit() {
+        Ok(n) if (n as usize) < config.server.max_connections + 64 => tracing::warn!(
+            open_files = n,
+            max_connections = config.server.max_connections,
+            "the open-files limit is below server.max_connections; raise LimitNOFILE="
+        ),
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.server.workers)
         .enable_all()

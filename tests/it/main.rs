@@ -14,6 +14,7 @@ mod fuzz_regressions;
 mod hook;
 mod hostile;
 mod lifecycle;
+mod limits;
 mod monitoring_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
@@ -32,6 +33,7 @@ fn main() -> std::process::ExitCode {
         hook::tests(),
         hostile::tests(),
         lifecycle::tests(),
+        limits::tests(),
         monitoring_e2e::tests(),
         openvpn_e2e::tests(),
         openvpn_mgmt_e2e::tests(),

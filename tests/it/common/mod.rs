@@ -337,10 +337,15 @@ impl std::ops::DerefMut for Daemon {
 
 impl Daemon {
     pub fn start(f: &Fixture) -> Daemon {
+        Daemon::start_via(f, bin())
+    }
+
+    /// Starts `program serve --config …`: the binary itself, or a wrapper script that execs it.
+    pub fn start_via(f: &Fixture, program: PathBuf) -> Daemon {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let process = daemon::Running::start(daemon::Launch {
-            bin: bin(),
+            bin: program,
             config: &f.config(),
             port: f.port,
             log_level: "info",
