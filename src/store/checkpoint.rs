@@ -12,6 +12,43 @@ use super::{StoreError, WalFrames};
 /// WAL size (in 4 KiB frames) above which the checkpointer also restarts the WAL.
 const WAL_RESTART_FRAMES: i64 = 16384;
 
+/// Frames a RESTART checkpoint may still have to copy. A RESTART holds every writer back while
+/// it copies what PASSIVE checkpoints left and syncs the database: with a few dozen frames that
+/// is a few milliseconds, whatever the page cache holds.
+const RESTART_FRAMES_LEFT: i64 = 64;
+
+/// PASSIVE checkpoints (which never hold the writer back) run back to back, at most this many,
+/// to bring the frames left down to [`RESTART_FRAMES_LEFT`].
+const CATCH_UP_PASSES: usize = 8;
+
+/// A WAL this long is restarted even when the PASSIVE checkpoints cannot catch up (a disk
+/// slower than the commits): a commit may wait for it, but the WAL stays bounded (256 MiB).
+const WAL_FORCE_RESTART_FRAMES: i64 = 4 * WAL_RESTART_FRAMES;
+
+/// What the checkpointer does after a PASSIVE checkpoint reported the WAL's length (`log`) and
+/// the frames still to copy (`left`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Nothing more: the WAL is short.
+    Done,
+    /// Another PASSIVE checkpoint, to leave fewer frames for the RESTART.
+    CatchUp,
+    /// RESTART: few frames left (or the WAL must be bounded now).
+    Restart,
+}
+
+fn next(log: i64, left: i64, passes: usize) -> Next {
+    if log <= WAL_RESTART_FRAMES {
+        Next::Done
+    } else if left <= RESTART_FRAMES_LEFT || log > WAL_FORCE_RESTART_FRAMES {
+        Next::Restart
+    } else if passes < CATCH_UP_PASSES {
+        Next::CatchUp
+    } else {
+        Next::Done
+    }
+}
+
 /// When the checkpointer copies the WAL into the database.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPace {
@@ -38,10 +75,14 @@ impl Default for CheckpointPace {
 
 /// Keeps the WAL short from a connection of its own: a PASSIVE checkpoint copies committed
 /// frames into the database without waiting for the writer (and without the writer waiting
-/// for it); when the WAL has grown past [`WAL_RESTART_FRAMES`] (64 MiB) a RESTART checkpoint
-/// finishes the few frames left, holding the writer back only for those, and lets the WAL
-/// start over from its beginning. Under continuous writes a PASSIVE checkpoint alone never
-/// completes, and the WAL would grow without end. RESTART rather than TRUNCATE: the file keeps
+/// for it); when the WAL has grown past [`WAL_RESTART_FRAMES`] (64 MiB), further PASSIVE
+/// checkpoints bring the frames left to copy down to [`RESTART_FRAMES_LEFT`], and only then a
+/// RESTART checkpoint finishes those, holding the writer back for a few milliseconds, and lets
+/// the WAL start over from its beginning. Under continuous writes a PASSIVE checkpoint alone
+/// never completes, and the WAL would grow without end. A RESTART issued with thousands of
+/// frames left held commits for up to a fifth of a second when the frames had to be read back
+/// from disk (a page cache the machine had reclaimed); the writer's busy handler then added
+/// SQLite's coarse sleeps on top (`sqlite::SHORT_BUSY_WAIT`). RESTART rather than TRUNCATE: the file keeps
 /// its size and is written over, where truncating it held the writer for a further 25 ms
 /// (ftruncate of 64 MiB on a filesystem mounted with `discard`) and a 30 ms fsync, every few
 /// seconds under load (steady-rate max latency 38 ms; docs/BENCHMARKS-HISTORY.md).
@@ -79,14 +120,35 @@ pub fn spawn_checkpointer(
                 }
                 copied = now;
                 last = Instant::now();
-                match checkpoint("PASSIVE") {
-                    Ok((log, _)) if log > WAL_RESTART_FRAMES => {
-                        if let Err(e) = checkpoint("RESTART") {
-                            tracing::debug!(error = %e, "WAL restart did not run");
+                let mut passes = 0;
+                loop {
+                    let (log, done) = match checkpoint("PASSIVE") {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "WAL checkpoint did not run");
+                            break;
+                        }
+                    };
+                    passes += 1;
+                    match next(log, log - done, passes) {
+                        Next::Done => break,
+                        Next::CatchUp => continue,
+                        Next::Restart => {
+                            let started = Instant::now();
+                            if let Err(e) = checkpoint("RESTART") {
+                                tracing::debug!(error = %e, "WAL restart did not run");
+                            }
+                            let took = started.elapsed();
+                            if took > Duration::from_millis(10) {
+                                tracing::warn!(
+                                    ?took,
+                                    frames_left = log - done,
+                                    "WAL restart held commits back"
+                                );
+                            }
+                            break;
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "WAL checkpoint did not run"),
                 }
                 counted.fetch_add(1, Ordering::Relaxed);
             }
@@ -101,6 +163,20 @@ mod tests {
     use crate::config::Durability;
     use crate::store::test_session as session;
     use crate::store::{SessionStore, SqliteStore, StoreOp};
+
+    #[test]
+    fn a_restart_waits_until_few_frames_are_left() {
+        let long = WAL_RESTART_FRAMES + 1;
+        assert_eq!(next(WAL_RESTART_FRAMES, 5_000, 1), Next::Done);
+        assert_eq!(next(long, 5_000, 1), Next::CatchUp);
+        assert_eq!(next(long, RESTART_FRAMES_LEFT, 1), Next::Restart);
+        assert_eq!(
+            next(long, 5_000, CATCH_UP_PASSES),
+            Next::Done,
+            "tried again next tick"
+        );
+        assert_eq!(next(WAL_FORCE_RESTART_FRAMES + 1, 5_000, 1), Next::Restart);
+    }
 
     /// Sparse commits are not checkpointed one by one (each checkpoint would make the next
     /// commit fsync a new WAL header); enough frames, or enough time, are.
