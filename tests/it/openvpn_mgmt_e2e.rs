@@ -39,6 +39,17 @@ fn rig(
     setup: Setup,
     devices: impl Fn(&Pki) -> Vec<(Dev, ClientCert)>,
 ) -> Option<(Rig, Vec<(Dev, ClientCert)>)> {
+    rig_on(client_auth, setup, devices, false)
+}
+
+/// As [`rig`]; with `narrow` the office zone's pool is the upper half of the server's tunnel net
+/// and its `network` the whole net.
+fn rig_on(
+    client_auth: bool,
+    setup: Setup,
+    devices: impl Fn(&Pki) -> Vec<(Dev, ClientCert)>,
+    narrow: bool,
+) -> Option<(Rig, Vec<(Dev, ClientCert)>)> {
     if !openvpn::available() {
         return None;
     }
@@ -68,7 +79,13 @@ fn rig(
         },
     )
     .unwrap();
-    fixture.setup.pool = server.tunnel_net().to_string();
+    let net = server.tunnel_net();
+    if narrow {
+        fixture.setup.pool = openvpn::upper_half(net).to_string();
+        fixture.setup.network = Some(net.to_string());
+    } else {
+        fixture.setup.pool = net.to_string();
+    }
     fixture.setup.extra = format!(
         "[[openvpn]]\ninstance = \"office-udp\"\nzone = \"office\"\nmanagement = \"{}\"\nclient_auth = {client_auth}\npassthrough = \"{}\"\nbytecount_interval_s = 1\nstatus_interval_s = 2\n",
         server.management_socket().unwrap().display(),
@@ -403,6 +420,43 @@ fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
     hal.ping(rig.server.tunnel_ip(), 2).unwrap();
 }
 
+/// management-client-auth with the zone's pool in the upper half of the server's tunnel net and
+/// its `network` the whole net: the address comes with the net's netmask, the pushed route is
+/// installed on the client's tun and a host reachable only through the tunnel answers (as
+/// `openvpn_e2e::openvpn_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel` in script mode).
+fn client_auth_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel() {
+    if !openvpn::available() {
+        return;
+    }
+    let mut behind = openvpn::Behind::claim().unwrap();
+    let Some((rig, devs)) = rig_on(
+        true,
+        Setup {
+            routes: vec![behind.net().to_string()],
+            ..Setup::default()
+        },
+        |pki| vec![device(pki, "half", "alice")],
+        true,
+    ) else {
+        return;
+    };
+    behind.attach(&rig.server).unwrap();
+    let ns = ClientNs::create().unwrap();
+    behind.cut_off(&ns).unwrap();
+    let mut c = Client::connect(&ns, &devs[0].1, &rig.server, ClientOptions::default()).unwrap();
+    c.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    let pool = openvpn::upper_half(rig.server.tunnel_net());
+    let ip = openvpn::check_reaches_behind(&c, &ns, &rig.server, pool, &behind)
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert_eq!(ip, pool.host(0));
+    let v = sessions(&rig.daemon);
+    assert_eq!(
+        v["sessions"][0]["tunnel_ip"].as_str(),
+        Some(ip.to_string().as_str())
+    );
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
@@ -410,5 +464,6 @@ pub fn tests() -> Vec<Case> {
         trial!(openvpn_restart_neither_loses_nor_doubles_sessions, needs: [Need::OpenVpn]),
         trial!(client_auth_mode_decides_without_scripts, needs: [Need::OpenVpn]),
         trial!(session_that_ended_while_pforte_was_down_is_reaped_at_restart, needs: [Need::OpenVpn]),
+        trial!(client_auth_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel, needs: [Need::OpenVpn]),
     ]
 }
