@@ -1,6 +1,6 @@
 //! End to end in script mode: a real OpenVPN 2.6 server runs `pforte hook openvpn` as its
 //! tls-verify, client-connect and client-disconnect script against the real daemon, and real
-//! clients connect from their own network namespaces (see `common/openvpn.rs`).
+//! clients connect from their own network namespaces (see `common/openvpn/`).
 //!
 //! The device checks run twice: at tls-verify (`POST /v1/verify`, no hardware address yet), where
 //! a refusal is silent on the client (it waits out its hand-window), so those cases look for the
