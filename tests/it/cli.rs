@@ -156,11 +156,36 @@ fn check_explains_the_example_registry() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// The packages after `apt-get install` in `text` (continuation lines joined, options and the
+/// command words dropped): the first such command only.
+fn apt_packages(text: &str) -> Vec<String> {
+    let joined = text.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| l.trim_start().starts_with("apt-get install"))
+        .unwrap_or_else(|| panic!("no `apt-get install` line in {text:?}"));
+    line.split_whitespace()
+        .skip(2)
+        .filter(|w| !w.starts_with('-'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The README's apt-get line and the one `.ci/run` runs name the same packages in the same order.
+fn readme_and_ci_install_the_same_packages() {
+    let read = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
+    let readme = apt_packages(&read("README.md"));
+    let ci = apt_packages(&read(".ci/run"));
+    assert!(readme.iter().any(|p| p == "openvpn"), "{readme:?}");
+    assert_eq!(readme, ci, "README.md vs .ci/run");
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(every_shipped_config_is_valid),
         trial!(fixture_configs_valid_and_invalid),
         trial!(check_explains_the_example_registry),
+        trial!(readme_and_ci_install_the_same_packages),
     ]
 }

@@ -267,6 +267,93 @@ async fn world_writable_registry_is_refused_at_start() {
     );
 }
 
+/// What systemd sees through `NOTIFY_SOCKET` (a `Type=notify` unit with `WatchdogSec=`): `READY=1`
+/// once `/readyz` answers 200, `WATCHDOG=1` every half `WATCHDOG_USEC`, `RELOADING=1` then
+/// `READY=1` around a SIGHUP reload, and `STOPPING=1` on SIGTERM. (`WATCHDOG_PID` is not set:
+/// the daemon's pid is not known before it starts, and without it the watchdog is for any pid.)
+fn systemd_notify_ready_watchdog_reload_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let f = Fixture::new(
+        Setup {
+            env: vec![
+                ("NOTIFY_SOCKET".into(), path.display().to_string()),
+                ("WATCHDOG_USEC".into(), "1000000".into()),
+            ],
+            ..Setup::default()
+        },
+        &pool(1),
+    );
+    // Each datagram as it arrives, with `/readyz`'s status at that moment for READY=1.
+    let (tx, rx) = mpsc::channel::<(Instant, String, Option<u16>)>();
+    let port = f.port;
+    let reader = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let ready = text
+                        .lines()
+                        .any(|l| l == "READY=1")
+                        .then(|| http_get(port, "/readyz").map_or(0, |(s, _)| s));
+                    let last = text.lines().any(|l| l == "STOPPING=1");
+                    if tx.send((Instant::now(), text, ready)).is_err() || last {
+                        return;
+                    }
+                }
+                Err(_) => continue,
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut d = f.start();
+    let next = |within: Duration, want: &str| -> (Instant, String, Option<u16>) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(m) if m.1.lines().any(|l| l == want) => return m,
+                Ok(_) => continue,
+                Err(_) => panic!("no {want} within {within:?}"),
+            }
+        }
+    };
+    let (at, text, readyz) = next(Duration::from_secs(10), "READY=1");
+    assert_eq!(
+        readyz,
+        Some(200),
+        "READY=1 before /readyz answers 200: {text:?}"
+    );
+    eprintln!("READY=1 {:?} after start", at - started);
+    // Two watchdog pings within 3 s (every 0.5 s with WATCHDOG_USEC=1 s).
+    let (w1, ..) = next(Duration::from_secs(3), "WATCHDOG=1");
+    let (w2, ..) = next(Duration::from_secs(3), "WATCHDOG=1");
+    assert!(
+        w2 - w1 < Duration::from_millis(900),
+        "{:?} between pings",
+        w2 - w1
+    );
+    // A reload says so and is ready again.
+    d.signal(Signal::SIGHUP);
+    next(Duration::from_secs(5), "RELOADING=1");
+    next(Duration::from_secs(5), "READY=1");
+    // SIGTERM: STOPPING=1, then a clean exit.
+    d.signal(Signal::SIGTERM);
+    next(Duration::from_secs(5), "STOPPING=1");
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0), "{}", d.log());
+    drop(rx);
+    let _ = reader.join();
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
@@ -276,5 +363,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async file_change_is_picked_up_without_a_signal),
         trial!(async org_unit_exception_takes_effect_on_reload),
         trial!(async world_writable_registry_is_refused_at_start),
+        trial!(systemd_notify_ready_watchdog_reload_and_stopping),
     ]
 }

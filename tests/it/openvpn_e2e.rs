@@ -1,6 +1,6 @@
 //! End to end in script mode: a real OpenVPN 2.6 server runs `pforte hook openvpn` as its
 //! tls-verify, client-connect and client-disconnect script against the real daemon, and real
-//! clients connect from their own network namespaces (see `common/openvpn.rs`).
+//! clients connect from their own network namespaces (see `common/openvpn/`).
 //!
 //! The device checks run twice: at tls-verify (`POST /v1/verify`, no hardware address yet), where
 //! a refusal is silent on the client (it waits out its hand-window), so those cases look for the
@@ -92,6 +92,19 @@ impl Rig {
         peers: &[&Peer],
         connect_flags: &str,
     ) -> Rig {
+        Rig::start_full(work, pki, setup, peers, connect_flags, false)
+    }
+
+    /// As [`Rig::start`], with `narrow`: the office zone's pool is the upper half of the
+    /// server's tunnel net (the server keeps the lower half) and its `network` the whole net.
+    fn start_full(
+        work: tempfile::TempDir,
+        pki: Pki,
+        setup: Setup,
+        peers: &[&Peer],
+        connect_flags: &str,
+        narrow: bool,
+    ) -> Rig {
         let devices: Vec<Dev> = peers.iter().map(|p| p.dev.clone()).collect();
         let mut fixture = Fixture::new(
             Setup {
@@ -127,7 +140,13 @@ impl Rig {
         .unwrap();
         // The pool must lie in the server's subnet for ifconfig-push; its first host (the
         // server's own address) is never handed out.
-        fixture.setup.pool = server.tunnel_net().to_string();
+        let net = server.tunnel_net();
+        if narrow {
+            fixture.setup.pool = openvpn::upper_half(net).to_string();
+            fixture.setup.network = Some(net.to_string());
+        } else {
+            fixture.setup.pool = net.to_string();
+        }
         fixture.write_config();
         let daemon = fixture.start();
         Rig {
@@ -465,6 +484,61 @@ fn openvpn_deferred_client_connect_decides_the_same() {
     );
 }
 
+/// The zone's pool is the upper half of the server's tunnel net (`server` keeps its own pool in
+/// the lower half) and its `network` the whole net: the client gets an address from the upper
+/// half with the net's netmask, so the route the zone pushes (via the server's address, the
+/// route-gateway) is installed on its tun and a host behind it answers, reachable only through
+/// the tunnel. With the netmask of the pool (no `network`) the route fails on the client.
+fn openvpn_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel() {
+    if !openvpn::available() {
+        return;
+    }
+    let mut behind = openvpn::Behind::claim().unwrap();
+    let (work, pki) = Rig::pki();
+    let a = Peer::new(&pki, "D-E2E-HALF", "alice", |d| d);
+    let rig = Rig::start_full(
+        work,
+        pki,
+        Setup {
+            routes: vec![behind.net().to_string()],
+            ..Setup::default()
+        },
+        &[&a],
+        "",
+        true,
+    );
+    behind.attach(&rig.server).unwrap();
+    behind.cut_off(&a.ns).unwrap();
+    assert!(
+        a.ns.exec(
+            "ping",
+            &[
+                "-n",
+                "-q",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                &behind.target().to_string()
+            ],
+            Duration::from_secs(5)
+        )
+        .is_err(),
+        "{} answers without the tunnel: no proof",
+        behind.target()
+    );
+    let client = a.connect(&rig);
+    let pool = openvpn::upper_half(rig.server.tunnel_net());
+    let ip = openvpn::check_reaches_behind(&client, &a.ns, &rig.server, pool, &behind)
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig.context()));
+    assert_eq!(
+        ip,
+        pool.host(0),
+        "the pool's first address (the gateway is outside it)"
+    );
+    rig.assert_pool_address(&a, &client);
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
@@ -472,5 +546,6 @@ pub fn tests() -> Vec<Case> {
         trial!(openvpn_past_the_seats_is_refused_and_a_disconnect_frees_the_seat, needs: [Need::OpenVpn]),
         trial!(openvpn_fails_closed_without_the_daemon_and_recovers_its_sessions, needs: [Need::OpenVpn]),
         trial!(openvpn_deferred_client_connect_decides_the_same, needs: [Need::OpenVpn]),
+        trial!(openvpn_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel, needs: [Need::OpenVpn]),
     ]
 }

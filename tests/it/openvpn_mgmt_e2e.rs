@@ -39,6 +39,17 @@ fn rig(
     setup: Setup,
     devices: impl Fn(&Pki) -> Vec<(Dev, ClientCert)>,
 ) -> Option<(Rig, Vec<(Dev, ClientCert)>)> {
+    rig_on(client_auth, setup, devices, false)
+}
+
+/// As [`rig`]; with `narrow` the office zone's pool is the upper half of the server's tunnel net
+/// and its `network` the whole net.
+fn rig_on(
+    client_auth: bool,
+    setup: Setup,
+    devices: impl Fn(&Pki) -> Vec<(Dev, ClientCert)>,
+    narrow: bool,
+) -> Option<(Rig, Vec<(Dev, ClientCert)>)> {
     if !openvpn::available() {
         return None;
     }
@@ -68,7 +79,13 @@ fn rig(
         },
     )
     .unwrap();
-    fixture.setup.pool = server.tunnel_net().to_string();
+    let net = server.tunnel_net();
+    if narrow {
+        fixture.setup.pool = openvpn::upper_half(net).to_string();
+        fixture.setup.network = Some(net.to_string());
+    } else {
+        fixture.setup.pool = net.to_string();
+    }
     fixture.setup.extra = format!(
         "[[openvpn]]\ninstance = \"office-udp\"\nzone = \"office\"\nmanagement = \"{}\"\nclient_auth = {client_auth}\npassthrough = \"{}\"\nbytecount_interval_s = 1\nstatus_interval_s = 2\n",
         server.management_socket().unwrap().display(),
@@ -249,50 +266,134 @@ fn script_mode_with_management_bytes_revocation_kill_passthrough() {
     );
 }
 
-fn openvpn_restart_neither_loses_nor_doubles_sessions() {
-    let Some((rig, devs)) = rig(false, Setup::default(), |pki| {
-        vec![device(pki, "carl", "alice")]
+/// The OpenVPN client ids (`status 3` through pforte's pass-through socket), retried while the
+/// server restarts.
+fn client_ids(rig: &Rig) -> Vec<u64> {
+    let path = rig.fixture.path("run/office-mgmt.sock");
+    let mut last = String::new();
+    for _ in 0..50 {
+        match Management::connect(&path, Duration::from_secs(2))
+            .and_then(|mut m| m.status_clients())
+        {
+            Ok(rows) => return rows.iter().map(|r| r.client_id).collect(),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{}", rig.explain(&last));
+}
+
+/// OpenVPN restarts on `signal` (SIGHUP: re-reading its config; SIGUSR1: a soft restart) with
+/// two clients connected and pforte on its management interface. What a real OpenVPN 2.6 does:
+/// the management connection stays open (OpenVPN closes it only at exit), the client instances
+/// are torn down and the clients reconnect (after their ping-restart, ~10 s) with client ids
+/// counted from 0 again, so an id pforte knew now names another client. pforte neither loses nor
+/// doubles a session: one seat per client, new session keys, and an operator kill after the
+/// restart ends the right client.
+fn restart_openvpn(client_auth: bool, signal: nix::sys::signal::Signal) {
+    let Some((rig, devs)) = rig(client_auth, Setup::default(), |pki| {
+        vec![device(pki, "carl", "alice"), device(pki, "cleo", "bob")]
     }) else {
         return;
     };
     let (_ns, mut c) = client(&rig, &devs[0].1);
+    let (_ns2, mut c2) = client(&rig, &devs[1].1);
     c.wait_connected(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    c2.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
     let d = &rig.daemon;
-    assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
-    // SIGHUP restarts OpenVPN: the management connection drops, client ids restart, the client
-    // reconnects.
-    let old_key = sessions(d)["sessions"][0]["session_key"]
-        .as_str()
+    assert_eq!(d.metric("pforte_seats_used"), Some(2.0));
+    let before = client_ids(&rig);
+    let old_keys: Vec<String> = sessions(d)["sessions"]
+        .as_array()
         .unwrap()
-        .to_string();
+        .iter()
+        .map(|s| s["session_key"].as_str().unwrap().to_string())
+        .collect();
     let pid = rig.server.pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_for("the client to reconnect", Duration::from_secs(30), || {
-        c.log().matches("Initialization Sequence Completed").count() >= 2
-    });
-    // One client, one seat: the old session ended (by OpenVPN's client-disconnect at the
-    // restart, or by reconciliation), the new one counted once, and its key is the new one.
-    wait_for("management reconnect", Duration::from_secs(15), || {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+    for cl in [&c, &c2] {
+        wait_for("the clients to reconnect", Duration::from_secs(30), || {
+            cl.log()
+                .matches("Initialization Sequence Completed")
+                .count()
+                >= 2
+        });
+    }
+    // Two clients, two seats: the old sessions ended (by OpenVPN's client-disconnect at the
+    // restart, or by reconciliation), the new ones counted once, with new keys.
+    wait_for("management connected", Duration::from_secs(15), || {
         d.metric("pforte_openvpn_management_connected{vpn_instance=\"office-udp\"}") == Some(1.0)
     });
     wait_for(
-        "seats to settle at one new session",
+        "seats to settle at two new sessions",
         Duration::from_secs(30),
         || {
             let v = sessions(d);
-            d.metric("pforte_seats_used") == Some(1.0)
-                && v["count"] == 1
-                && v["sessions"][0]["session_key"].as_str() != Some(old_key.as_str())
+            d.metric("pforte_seats_used") == Some(2.0)
+                && v["count"] == 2
+                && v["sessions"].as_array().unwrap().iter().all(|s| {
+                    !old_keys
+                        .iter()
+                        .any(|k| s["session_key"].as_str() == Some(k.as_str()))
+                })
         },
     );
     c.ping(rig.server.tunnel_ip(), 2).unwrap();
-    let v = sessions(d);
-    assert_eq!(v["count"], 1, "{v}");
+    c2.ping(rig.server.tunnel_ip(), 2).unwrap();
+    let mut after = client_ids(&rig);
+    after.sort_unstable();
+    let lost = d
+        .log()
+        .matches("OpenVPN management connection lost")
+        .count();
+    let accepted = rig
+        .server
+        .log()
+        .matches("MANAGEMENT: Client connected")
+        .count();
+    eprintln!(
+        "{signal:?}: management connection lost {lost} time(s), OpenVPN accepted {accepted}; client ids before {before:?}, after {after:?}"
+    );
+    assert_eq!(
+        (lost, accepted),
+        (0, 1),
+        "the management connection stays open across the restart\n{}",
+        rig.explain("")
+    );
+    assert_eq!(after, vec![0, 1], "client ids start again at 0");
+    // The ids pforte now holds are the new ones: killing alice's session ends alice's client.
+    let alice = sessions(d)["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["username"] == "alice")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        http_unix(&d.socket, Method::DELETE, &format!("/v1/sessions/{alice}")),
+        200
+    );
+    c.wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert!(c2.is_running(), "{}", rig.explain("bob's client was ended"));
+    c2.ping(rig.server.tunnel_ip(), 2).unwrap();
+    assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+}
+
+fn openvpn_restart_neither_loses_nor_doubles_sessions() {
+    restart_openvpn(false, nix::sys::signal::Signal::SIGHUP);
+}
+
+fn openvpn_soft_restart_sigusr1_neither_loses_nor_doubles_sessions() {
+    restart_openvpn(false, nix::sys::signal::Signal::SIGUSR1);
+}
+
+fn client_auth_soft_restart_sigusr1_neither_loses_nor_doubles_sessions() {
+    restart_openvpn(true, nix::sys::signal::Signal::SIGUSR1);
 }
 
 fn client_auth_mode_decides_without_scripts() {
@@ -403,12 +504,52 @@ fn session_that_ended_while_pforte_was_down_is_reaped_at_restart() {
     hal.ping(rig.server.tunnel_ip(), 2).unwrap();
 }
 
+/// management-client-auth with the zone's pool in the upper half of the server's tunnel net and
+/// its `network` the whole net: the address comes with the net's netmask, the pushed route is
+/// installed on the client's tun and a host reachable only through the tunnel answers (as
+/// `openvpn_e2e::openvpn_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel` in script mode).
+fn client_auth_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel() {
+    if !openvpn::available() {
+        return;
+    }
+    let mut behind = openvpn::Behind::claim().unwrap();
+    let Some((rig, devs)) = rig_on(
+        true,
+        Setup {
+            routes: vec![behind.net().to_string()],
+            ..Setup::default()
+        },
+        |pki| vec![device(pki, "half", "alice")],
+        true,
+    ) else {
+        return;
+    };
+    behind.attach(&rig.server).unwrap();
+    let ns = ClientNs::create().unwrap();
+    behind.cut_off(&ns).unwrap();
+    let mut c = Client::connect(&ns, &devs[0].1, &rig.server, ClientOptions::default()).unwrap();
+    c.wait_connected(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    let pool = openvpn::upper_half(rig.server.tunnel_net());
+    let ip = openvpn::check_reaches_behind(&c, &ns, &rig.server, pool, &behind)
+        .unwrap_or_else(|e| panic!("{}", rig.explain(&e)));
+    assert_eq!(ip, pool.host(0));
+    let v = sessions(&rig.daemon);
+    assert_eq!(
+        v["sessions"][0]["tunnel_ip"].as_str(),
+        Some(ip.to_string().as_str())
+    );
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(script_mode_with_management_bytes_revocation_kill_passthrough, needs: [Need::OpenVpn]),
         trial!(openvpn_restart_neither_loses_nor_doubles_sessions, needs: [Need::OpenVpn]),
+        trial!(openvpn_soft_restart_sigusr1_neither_loses_nor_doubles_sessions, needs: [Need::OpenVpn]),
+        trial!(client_auth_soft_restart_sigusr1_neither_loses_nor_doubles_sessions, needs: [Need::OpenVpn]),
         trial!(client_auth_mode_decides_without_scripts, needs: [Need::OpenVpn]),
         trial!(session_that_ended_while_pforte_was_down_is_reaped_at_restart, needs: [Need::OpenVpn]),
+        trial!(client_auth_pool_in_part_of_the_tunnel_net_routes_through_the_tunnel, needs: [Need::OpenVpn]),
     ]
 }

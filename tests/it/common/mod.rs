@@ -127,6 +127,10 @@ pub struct Setup {
     pub watch_interval_s: u64,
     /// The office zone's address pool (for OpenVPN tests: the server's tunnel net).
     pub pool: String,
+    /// The office zone's tunnel network (`network`), when the pool is only part of it.
+    pub network: Option<String>,
+    /// The routes the office zone pushes.
+    pub routes: Vec<String>,
     /// Environment for the daemon (e.g. `PFORTE_SERVER__HEADER_TIMEOUT_MS` overrides).
     pub env: Vec<(String, String)>,
 }
@@ -143,6 +147,8 @@ impl Default for Setup {
             extra: String::new(),
             watch_interval_s: 1,
             pool: "10.213.0.0/24".into(),
+            network: None,
+            routes: vec!["10.1.0.0/16".into()],
             env: Vec::new(),
         }
     }
@@ -257,7 +263,7 @@ level = 3
 name = "office"
 level = 1
 pool = "{pool}"
-routes = ["10.1.0.0/16"]
+{network}routes = [{routes}]
 
 [[zones]]
 name = "mail"
@@ -274,6 +280,17 @@ level = 0
             quota = s.finance_quota,
             extra = s.extra,
             pool = s.pool,
+            network = s
+                .network
+                .as_ref()
+                .map(|n| format!("network = \"{n}\"\n"))
+                .unwrap_or_default(),
+            routes = s
+                .routes
+                .iter()
+                .map(|r| format!("\"{r}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         std::fs::write(self.config(), text).unwrap();
     }

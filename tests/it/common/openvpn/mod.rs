@@ -21,7 +21,9 @@
 //! Address plan (nothing here is routed by a normal host; every allocation is also checked
 //! against `ip -4 route` and skipped when it overlaps):
 //! - veth pairs: one `/30` per namespace from `172.31.0.0/16`, host side `.1`, namespace `.2`;
-//! - tunnel nets: one `/24` per server from `10.213.0.0/16` unless the caller gives one.
+//! - tunnel nets: one `/24` per server from `10.213.0.0/16` unless the caller gives one;
+//! - nets behind the VPN ([`Behind`]): one `/24` per test from `10.214.0.0/16`, its `.1` on the
+//!   server's tun, cut off from the client namespace's default route.
 //!
 //! Allocations are claimed with `flock` on files under [`BASE_DIR`]`/claims`, so parallel tests in
 //! one process and parallel test processes never share a subnet, and a crashed process frees its
@@ -50,6 +52,7 @@
 //!   init reaps them); call [`cleanup_stale`] (as [`available`] does once per process).
 #![allow(dead_code)]
 
+mod behind;
 mod client;
 mod management;
 mod netns;
@@ -59,6 +62,7 @@ mod server;
 mod subnets;
 pub mod unit;
 
+pub use behind::*;
 pub use client::*;
 pub use management::*;
 pub use netns::*;
