@@ -248,17 +248,22 @@ fn script_mode_with_management_bytes_revocation_kill_passthrough() {
     b.wait_exit(Duration::from_secs(10)).unwrap();
     assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
 
-    // Blocking alice's device in the registry disconnects her within seconds.
-    let blocked = Dev {
-        status: "blocked",
+    // A reload that finds alice's device no longer encrypted (not only a blocked one: every
+    // check is decided again) disconnects her within seconds, with the reason counted.
+    let unencrypted = Dev {
+        encrypted: false,
         ..devs[0].0.clone()
     };
-    rig.fixture.write_devices(&[blocked, devs[1].0.clone()]);
+    rig.fixture.write_devices(&[unencrypted, devs[1].0.clone()]);
     d.signal(nix::sys::signal::Signal::SIGHUP);
     a.wait_exit(Duration::from_secs(10)).unwrap();
     wait_for("no sessions left", Duration::from_secs(10), || {
         d.metric("pforte_seats_used") == Some(0.0)
     });
+    assert_eq!(
+        d.metric("pforte_sessions_revoked_total{reason=\"not_encrypted\"}"),
+        Some(1.0)
+    );
     assert!(
         rig.server.log().contains("client-kill") || rig.server.log().contains("HALT"),
         "{}",
