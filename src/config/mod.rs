@@ -9,11 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+mod radius;
 mod raw;
 mod validate;
 
 use raw::RawConfig;
 use validate::validate;
+pub use radius::{
+    DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
+};
 pub use validate::{DEFAULT_WORKERS, MAX_WORKERS};
 
 /// A configuration error: which file, which key, what is wrong.
@@ -46,6 +50,8 @@ pub struct Config {
     pub openvpn: Vec<OpenvpnInstance>,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The RADIUS front (`[radius]`), if configured.
+    pub radius: Option<RadiusConfig>,
 }
 
 /// Listeners and API access.
