@@ -346,6 +346,9 @@ impl App {
             .sessions
             .list()
             .into_iter()
+            // A session without a device (device checks skipped by configuration) has none
+            // to revoke.
+            .filter(|s| !s.device_id.is_empty())
             .filter_map(|s| {
                 let why = match snap.registry.device_by_id(&s.device_id) {
                     None => "device removed from the registry".to_string(),

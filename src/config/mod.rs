@@ -13,11 +13,11 @@ mod radius;
 mod raw;
 mod validate;
 
-use raw::RawConfig;
-use validate::validate;
 pub use radius::{
     DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
 };
+use raw::RawConfig;
+use validate::validate;
 pub use validate::{DEFAULT_WORKERS, MAX_WORKERS};
 
 /// A configuration error: which file, which key, what is wrong.

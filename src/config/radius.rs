@@ -350,10 +350,7 @@ pub(super) fn validate_radius(
             )
         })?;
         let name = u.name.unwrap_or_else(|| address.to_string());
-        check_label(
-            &format!("{key}.name"),
-            &name.replace([':', '[', ']'], "_"),
-        )?;
+        check_label(&format!("{key}.name"), &name.replace([':', '[', ']'], "_"))?;
         if upstreams.iter().any(|x| x.name == name) {
             return Err(bad(
                 format!("{key}.name"),
@@ -388,7 +385,7 @@ pub(super) fn validate_radius(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{load_with_env, ConfigError};
+    use super::super::{ConfigError, load_with_env};
     use std::collections::HashMap;
     use std::path::Path;
 
@@ -457,8 +454,14 @@ secret_file = "{s}"
             )
         };
         let cases = [
-            (client("", "/nonexistent/x"), "radius.clients[0].secret_file"),
-            (client("", &empty.display().to_string()), "radius.clients[0].secret_file"),
+            (
+                client("", "/nonexistent/x"),
+                "radius.clients[0].secret_file",
+            ),
+            (
+                client("", &empty.display().to_string()),
+                "radius.clients[0].secret_file",
+            ),
             (
                 client("vendor = \"juniper\"", "/nonexistent/x"),
                 "radius.clients[0].vendor",
@@ -480,7 +483,8 @@ secret_file = "{s}"
         std::fs::write(&ok, "x").unwrap();
         let e = load(
             d.path(),
-            &client("zone = \"nowhere\"", &ok.display().to_string()).replace("zone = \"office\"\n", ""),
+            &client("zone = \"nowhere\"", &ok.display().to_string())
+                .replace("zone = \"office\"\n", ""),
         )
         .unwrap_err()
         .to_string();
