@@ -45,11 +45,13 @@ pub enum Reason {
     UserSessionLimit,
     /// The session store cannot record the session and the fail mode is closed.
     StoreUnavailable,
+    /// No upstream credential server answered a RADIUS login (RADIUS front with upstreams).
+    UpstreamUnavailable,
 }
 
 impl Reason {
     /// Every reason, in the order the checks run.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::BadRequest,
         Reason::UnregisteredDevice,
         Reason::DeviceMismatch,
@@ -66,6 +68,7 @@ impl Reason {
         Reason::OrgUnitQuota,
         Reason::UserSessionLimit,
         Reason::StoreUnavailable,
+        Reason::UpstreamUnavailable,
     ];
 
     /// The stable code.
@@ -87,6 +90,7 @@ impl Reason {
             Reason::OrgUnitQuota => "org_unit_quota",
             Reason::UserSessionLimit => "user_session_limit",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::UpstreamUnavailable => "upstream_unavailable",
         }
     }
 }

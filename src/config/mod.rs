@@ -13,6 +13,8 @@ mod radius;
 mod raw;
 mod validate;
 
+#[cfg(test)]
+pub use radius::test_secret_value;
 pub use radius::{
     DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
 };

@@ -65,6 +65,12 @@ impl SecretValue {
     }
 }
 
+/// A secret value for tests elsewhere in the crate.
+#[cfg(test)]
+pub fn test_secret_value(bytes: &[u8]) -> SecretValue {
+    SecretValue(bytes.to_vec())
+}
+
 impl fmt::Debug for SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretValue(********)")
