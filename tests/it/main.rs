@@ -14,3 +14,4 @@ mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
+mod radius_front;
