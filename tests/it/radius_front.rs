@@ -152,51 +152,58 @@ dae_port = 0
     (f, ports)
 }
 
+/// A child process killed and reaped when dropped (also when a test fails).
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One radclient run (`-x`, one try, 2 s): exit code and everything it printed.
 pub fn radclient(port: u16, command: &str, secret: &str, attrs: &str) -> (Option<i32>, String) {
     let dict = tempfile::tempdir().unwrap();
     std::fs::write(dict.path().join("dictionary"), "").unwrap();
-    let mut child = Command::new("radclient")
-        .args([
-            "-x",
-            "-r",
-            "1",
-            "-t",
-            "2",
-            "-D",
-            "/usr/share/freeradius",
-            "-d",
-        ])
-        .arg(dict.path())
-        .arg(format!("127.0.0.1:{port}"))
-        .args([command, secret])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(attrs.as_bytes())
-        .unwrap();
+    let mut child = Reaped(
+        Command::new("radclient")
+            .args([
+                "-x",
+                "-r",
+                "1",
+                "-t",
+                "2",
+                "-D",
+                "/usr/share/freeradius",
+                "-d",
+            ])
+            .arg(dict.path())
+            .arg(format!("127.0.0.1:{port}"))
+            .args([command, secret])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let c = &mut child.0;
+    c.stdin.take().unwrap().write_all(attrs.as_bytes()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut code = None;
     while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = c.try_wait().unwrap() {
             code = status.code();
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     if code.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = c.kill();
     }
     let mut out = String::new();
-    let _ = child.stdout.take().unwrap().read_to_string(&mut out);
-    let _ = child.stderr.take().unwrap().read_to_string(&mut out);
+    let _ = c.stdout.take().unwrap().read_to_string(&mut out);
+    let _ = c.stderr.take().unwrap().read_to_string(&mut out);
     (code, out)
 }
 
