@@ -52,6 +52,7 @@ pub(super) struct RawRadiusUpstream {
     pub(super) address: String,
     pub(super) secret_file: String,
     pub(super) timeout_ms: Option<u64>,
+    pub(super) require_message_authenticator: Option<bool>,
 }
 
 /// A shared secret's bytes, never printed.
@@ -154,6 +155,9 @@ pub struct RadiusUpstream {
     pub secret: SecretValue,
     /// How long to wait for its answer.
     pub timeout: Duration,
+    /// Answers without a valid Message-Authenticator are ignored (default true; false only for
+    /// servers that cannot send one, such as FreeRADIUS before 3.2.5 answering PAP).
+    pub require_message_authenticator: bool,
 }
 
 /// The RADIUS front.
@@ -375,6 +379,7 @@ pub(super) fn validate_radius(
             address,
             secret: read_secret(&format!("{key}.secret_file"), &u.secret_file)?,
             timeout: Duration::from_millis(timeout_ms),
+            require_message_authenticator: u.require_message_authenticator.unwrap_or(true),
         });
     }
     Ok(Some(RadiusConfig {

@@ -15,3 +15,4 @@ mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
 mod radius_front;
+mod radius_upstream;

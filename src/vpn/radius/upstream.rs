@@ -244,9 +244,16 @@ async fn exchange(up: &Upstream, request: &Packet, nas_secret: &Secret) -> Resul
         let Ok(resp) = Packet::decode(&buf[..n]) else {
             continue;
         };
-        if resp.identifier != proxied.identifier
-            || auth::verify_response(&resp, &proxied.authenticator, &up.secret).is_err()
+        let verified = if resp.get(attr::MESSAGE_AUTHENTICATOR).is_some()
+            || up.config.require_message_authenticator
         {
+            auth::verify_response(&resp, &proxied.authenticator, &up.secret)
+        } else {
+            // An upstream allowed (by config) to answer without Message-Authenticator, as
+            // FreeRADIUS before 3.2.5 does for PAP: the Response Authenticator alone.
+            auth::verify_response_authenticator(&resp, &proxied.authenticator, &up.secret)
+        };
+        if resp.identifier != proxied.identifier || verified.is_err() {
             continue;
         }
         // Our Proxy-State must come back (RFC 2865 5.33); strip the last one that is ours.
