@@ -66,6 +66,8 @@ pub struct Metrics {
     pub capacity_refusals: IntCounterVec,
     /// RADIUS requests by client (NAS name) and type.
     pub radius_requests: IntCounterVec,
+    /// Access-Accepts sent, by client.
+    pub radius_accepts: IntCounterVec,
     /// RADIUS packets dropped unanswered, by client (`unknown` for none) and reason.
     pub radius_dropped: IntCounterVec,
     /// RADIUS retransmissions answered from the duplicate cache, by client.
@@ -273,6 +275,12 @@ impl Metrics {
                 "pforte_radius_requests_total",
                 "Verified RADIUS requests by client (NAS) and type.",
                 &["client", "type"],
+            )?,
+            radius_accepts: counter_vec(
+                &r,
+                "pforte_radius_accepts_total",
+                "Access-Accepts sent, by client (NAS).",
+                &["client"],
             )?,
             radius_dropped: counter_vec(
                 &r,

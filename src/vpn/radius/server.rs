@@ -148,26 +148,39 @@ impl Server {
             }
         }
         drop(pending);
+        // Every series a dashboard or alert reads exists from the start (at zero).
+        let m = &server.app.metrics;
         for nas in server.clients.all() {
+            let name = nas.config.name.as_str();
             for t in [
                 "access_request",
                 "accounting_start",
                 "accounting_interim_update",
                 "accounting_stop",
             ] {
-                server
-                    .app
-                    .metrics
-                    .radius_requests
-                    .with_label_values(&[&nas.config.name, t]);
+                m.radius_requests.with_label_values(&[name, t]);
+            }
+            for reason in [
+                "malformed",
+                "bad_authenticator",
+                "missing_message_authenticator",
+            ] {
+                m.radius_dropped.with_label_values(&[name, reason]);
+            }
+            m.radius_accepts.with_label_values(&[name]);
+            m.radius_duplicates.with_label_values(&[name]);
+            m.radius_start_timeouts.with_label_values(&[name]);
+            if nas.config.dae_port != 0 {
+                for result in ["ack", "nak", "timeout"] {
+                    m.radius_disconnects.with_label_values(&[name, result]);
+                }
             }
         }
+        m.radius_dropped
+            .with_label_values(&["unknown", "unknown_client"]);
         for up in server.upstreams_names() {
-            server
-                .app
-                .metrics
-                .radius_upstream_timeouts
-                .with_label_values(&[&up]);
+            m.radius_upstream_timeouts.with_label_values(&[&up]);
+            m.radius_upstream_rtt.with_label_values(&[&up]);
         }
         Ok(server)
     }
@@ -349,6 +362,11 @@ impl Server {
         if let Some(t) = self.config.session_timeout_s {
             p.add_u32(attr::SESSION_TIMEOUT, t);
         }
+        self.app
+            .metrics
+            .radius_accepts
+            .with_label_values(&[&nas.config.name])
+            .inc();
         lock(&self.pending).insert(
             id.clone(),
             Pending {
