@@ -560,11 +560,19 @@ fn radius_accept_without_accounting_start_is_reaped() {
         "",
     );
     let d = f.start();
+    let nas = UdpSocket::bind(("127.0.0.1", p.dae)).unwrap();
+    nas.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let id = access(p.auth, &cisco("alice", "U-ALICE", MAC1)).unwrap();
     assert_eq!(session_ids(d.port), vec![id]);
     wait_for("the session reaped", Duration::from_secs(5), || {
         session_ids(d.port).is_empty()
     });
+    // The NAS is told to drop the client whose seat was freed.
+    let mut buf = [0u8; 4096];
+    let (n, _) = nas.recv_from(&mut buf).expect("no Disconnect-Request");
+    let req = Packet::decode(&buf[..n]).unwrap();
+    assert_eq!(req.code, Code::DisconnectRequest);
+    assert_eq!(req.get_str(attr::USER_NAME).unwrap(), Some("alice"));
     assert_eq!(
         d.metric(r#"pforte_radius_accounting_start_timeouts_total{client="asa-1"}"#),
         Some(1.0)

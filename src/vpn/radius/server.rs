@@ -496,21 +496,22 @@ impl Server {
                 .collect()
         };
         for (id, client) in overdue {
-            if self
+            // A kill, not a reap: the NAS may still carry the client, and a freed seat must mean
+            // a dropped client, so a Disconnect-Request goes out where the NAS takes one.
+            let killed = self
                 .app
-                .reap(
+                .kill(
                     &Selector::Id(id.clone()),
                     "no Accounting Start from the NAS in time",
                 )
-                .await
-            {
+                .await;
+            if killed.is_some() {
                 self.app
                     .metrics
                     .radius_start_timeouts
                     .with_label_values(&[&client])
                     .inc();
             }
-            lock(&self.nas_addr).remove(&id);
         }
         // Forget NAS addresses of sessions that ended by other paths.
         let mut addrs = lock(&self.nas_addr);
