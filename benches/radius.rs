@@ -8,7 +8,12 @@
 //! cargo bench --bench radius -- --requests 20000 --window 64
 //! ```
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_range_loop
+)]
 
 #[path = "common/machine.rs"]
 mod machine;
