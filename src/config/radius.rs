@@ -60,6 +60,13 @@ pub(super) struct RawRadiusUpstream {
 pub struct SecretValue(Vec<u8>);
 
 impl SecretValue {
+    /// A secret from its bytes (`None` when empty). The config reads secrets from files; this is
+    /// for tools and tests that build a client entry themselves.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Option<SecretValue> {
+        let bytes = bytes.into();
+        (!bytes.is_empty()).then_some(SecretValue(bytes))
+    }
+
     /// The bytes, for the codec.
     pub fn expose(&self) -> &[u8] {
         &self.0
