@@ -69,6 +69,7 @@ pub fn radius_packet(data: &[u8]) {
                 dae_port: 0,
                 dae_address: None,
                 device_attribute,
+                require_message_authenticator: true,
             },
             secret: secret.clone(),
         };

@@ -42,6 +42,7 @@ pub(super) struct RawRadiusClient {
     pub(super) dae_port: Option<u16>,
     pub(super) dae_address: Option<String>,
     pub(super) device_attribute: Option<String>,
+    pub(super) require_message_authenticator: Option<bool>,
 }
 
 /// One `[[radius.upstreams]]` entry as written.
@@ -149,6 +150,10 @@ pub struct RadiusClient {
     pub dae_address: Option<IpAddr>,
     /// The attribute that names the device (fortinet, generic; optional for the others).
     pub device_attribute: Option<DeviceAttribute>,
+    /// Access-Requests without Message-Authenticator are dropped (default true). False only for
+    /// NASes that cannot send one (radcli, hence ocserv, sends it only with EAP); one that is
+    /// sent is always checked.
+    pub require_message_authenticator: bool,
 }
 
 /// One upstream credential server.
@@ -355,6 +360,7 @@ pub(super) fn validate_radius(
             dae_port: c.dae_port.unwrap_or(3799),
             dae_address,
             device_attribute,
+            require_message_authenticator: c.require_message_authenticator.unwrap_or(true),
         });
     }
     let mut upstreams: Vec<RadiusUpstream> = Vec::new();

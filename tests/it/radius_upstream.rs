@@ -222,15 +222,10 @@ timeout_ms = 500
 # FreeRADIUS 3.2.1 (Debian 12) answers PAP without Message-Authenticator.
 require_message_authenticator = false
 "#,
-        nas = "NAS_SECRET",
+        nas = "NAS_SECRET_FILE",
         up = up_secret.display(),
     );
     let (f, p) = radius_fixture(Setup::default(), &devices, "", &tables);
-    // The NAS secret file is the fixture's own.
-    let cfg = std::fs::read_to_string(f.config())
-        .unwrap()
-        .replace("NAS_SECRET", &f.path("nas.secret").display().to_string());
-    std::fs::write(f.config(), cfg).unwrap();
     let d = f.start();
 
     // PAP: right password and a registered device: Accept with pforte's Class.

@@ -139,6 +139,7 @@ mod tests {
                 dae_port: 0,
                 dae_address: None,
                 device_attribute,
+                require_message_authenticator: true,
             },
             secret: Secret::new("x").unwrap(),
         }

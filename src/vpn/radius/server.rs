@@ -232,7 +232,10 @@ impl Server {
             self.dropped(name, "wrong_code");
             return None;
         }
-        if let Err(e) = auth::verify_request(&pkt, &nas.secret) {
+        let legacy = pkt.code == Code::AccessRequest
+            && !nas.config.require_message_authenticator
+            && pkt.get(attr::MESSAGE_AUTHENTICATOR).is_none();
+        if !legacy && let Err(e) = auth::verify_request(&pkt, &nas.secret) {
             self.dropped(name, drop_reason(&e));
             return None;
         }
