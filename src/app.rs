@@ -430,6 +430,9 @@ impl App {
             .sessions
             .list()
             .into_iter()
+            // A session without a device (device checks skipped by configuration) has none
+            // to revoke.
+            .filter(|s| !s.device_id.is_empty())
             .filter_map(|s| {
                 let live = policy::Live {
                     device_id: &s.device_id,

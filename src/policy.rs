@@ -60,6 +60,8 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
         ("remote_addr", &req.remote_addr),
         ("tunnel_ip", &req.tunnel_ip),
         ("session_key", &req.session_key),
+        ("device_uid", &req.device_uid),
+        ("hostname", &req.hostname),
     ];
     for (name, value) in fields {
         if value.len() > MAX_FIELD_LEN {
@@ -78,7 +80,7 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
     if !VPN_KINDS.contains(&req.vpn.as_str()) {
         return Err(deny(
             Reason::BadRequest,
-            "Field `vpn` must be one of openvpn, strongswan, ocserv, other.",
+            "Field `vpn` must be one of openvpn, strongswan, ocserv, radius, other.",
         ));
     }
     if req.zone.is_empty() {
@@ -90,7 +92,14 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
             "Neither `username` nor `common_name` is given.",
         ));
     }
-    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() {
+    // A RADIUS request without any device identity is the concentrator's way (it sends none),
+    // not a malformed request: the device checks refuse it as unregistered (or skip, if so
+    // configured).
+    let identified = !(req.cert_sha256.is_empty()
+        && req.cert_serial.is_empty()
+        && req.device_uid.is_empty()
+        && req.hostname.is_empty());
+    if !identified && req.vpn != "radius" {
         return Err(deny(
             Reason::BadRequest,
             "Field `cert_sha256` is missing: the device cannot be identified.",
@@ -140,25 +149,41 @@ pub fn evaluate(
     today: NaiveDate,
 ) -> Result<Admission, Denial> {
     validate_request(req)?;
+    if req.skip_device_checks {
+        return check_person(req.identity(), &req.zone, rules, registry, None);
+    }
     let device = check_device(req, rules, registry, today, true)?;
-    check_person(req.identity(), &req.zone, rules, registry, device)
+    check_person(req.identity(), &req.zone, rules, registry, Some(device))
 }
 
-/// The registry entry a request names: by certificate fingerprint, else (where configured) by
-/// serial.
+/// The device a request names: by certificate fingerprint, else serial (where configured),
+/// else the concentrator's device uid, else the host name.
 pub fn find_device<'r>(
     req: &ConnectRequest,
     rules: &Rules,
     registry: &'r Registry,
 ) -> Option<&'r Device> {
     let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
-    by_fp.or_else(|| {
-        if rules.policy.match_serial {
-            normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
-        } else {
-            None
-        }
-    })
+    by_fp
+        .or_else(|| {
+            rules
+                .policy
+                .match_serial
+                .then(|| {
+                    normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
+                })
+                .flatten()
+        })
+        .or_else(|| {
+            (!req.device_uid.is_empty())
+                .then(|| registry.device_by_uid(&req.device_uid))
+                .flatten()
+        })
+        .or_else(|| {
+            (!req.hostname.is_empty())
+                .then(|| registry.device_by_hostname(&req.hostname))
+                .flatten()
+        })
 }
 
 /// The device checks alone (registered, hardware address, private, status, encryption,
@@ -175,11 +200,22 @@ pub fn check_device<'r>(
     let device = find_device(req, rules, registry).ok_or_else(|| {
         deny(
             Reason::UnregisteredDevice,
-            "This device's certificate is not registered in the device inventory.",
+            if req.vpn == "radius"
+                && req.cert_sha256.is_empty()
+                && req.cert_serial.is_empty()
+                && req.device_uid.is_empty()
+                && req.hostname.is_empty()
+            {
+                "The concentrator sent no device identity, so the device cannot be checked."
+            } else {
+                "This device's certificate is not registered in the device inventory."
+            },
         )
     })?;
 
-    if !device.hwaddr.is_empty() {
+    // A path that never reports hardware addresses (RADIUS profiles other than Cisco's) does
+    // not apply the rule: there is nothing to compare.
+    if !device.hwaddr.is_empty() && !req.no_hwaddr_path {
         match HwAddr::parse(&req.hwaddr) {
             Some(hw) if device.hwaddr.contains(&hw) => {}
             Some(_) => {
@@ -275,12 +311,15 @@ fn check_standing(
 }
 
 /// The checks on the person, the device's assignment, levels and zone.
+/// `device` is `None` only where the device checks are skipped by configuration (a concentrator
+/// that sends no device identity): assignment and clearance are then not checked, the session
+/// names no device, and only the routes the user's own level permits are given.
 fn check_person(
     username: &str,
     zone_name: &str,
     rules: &Rules,
     registry: &Registry,
-    device: &Device,
+    device: Option<&Device>,
 ) -> Result<Admission, Denial> {
     let policy = &rules.policy;
     let (org_unit_name, own_level) = match registry.user(username) {
@@ -306,6 +345,9 @@ fn check_person(
         )
     })?;
 
+    let Some(device) = device else {
+        return person_without_device(zone_name, rules, username, org_unit, own_level);
+    };
     let assigned = if device.users.is_empty() {
         *device.org_unit == *org_unit.name
     } else {
@@ -395,7 +437,7 @@ pub fn evaluate_device(
         ));
     };
     check_standing(device, zone, &rules.policy, today, 0)?;
-    check_person(username, zone, rules, registry, device)
+    check_person(username, zone, rules, registry, Some(device))
 }
 
 /// A live session's device and person, as a reload re-decides them.
@@ -420,6 +462,14 @@ pub fn recheck(
     today: NaiveDate,
 ) -> Result<(), Denial> {
     let policy = &rules.policy;
+    if live.device_id.is_empty() {
+        // Admitted without device checks (a concentrator that sends no device identity, with
+        // `missing_device = "skip-device-checks"`): only the person is decided again.
+        if policy.revoke_on_reload == Revocation::BlockedOnly {
+            return Ok(());
+        }
+        return check_person(live.username, live.zone, rules, registry, None).map(|_| ());
+    }
     let Some(device) = registry.device_by_id(live.device_id) else {
         return Err(deny(
             Reason::UnregisteredDevice,
@@ -449,7 +499,53 @@ pub fn recheck(
         today,
         policy.revoke_patch_grace_days,
     )?;
-    check_person(live.username, live.zone, rules, registry, device).map(|_| ())
+    check_person(live.username, live.zone, rules, registry, Some(device)).map(|_| ())
+}
+
+/// The person, level and zone checks for a request whose device checks are skipped.
+fn person_without_device(
+    zone_name: &str,
+    rules: &Rules,
+    username: &str,
+    org_unit: &crate::config::OrgUnit,
+    own_level: Option<u8>,
+) -> Result<Admission, Denial> {
+    let policy = &rules.policy;
+    let level = own_level.unwrap_or(org_unit.level);
+    if level > policy.remote_max_level && !org_unit.remote_exception {
+        return Err(deny(
+            Reason::RemoteWorkNotPermitted,
+            format!(
+                "User {username} works at data-protection level {}, above the remote-work ceiling {}, and org unit {} has no exception.",
+                rules.level_name(level),
+                rules.level_name(policy.remote_max_level),
+                org_unit.name
+            ),
+        ));
+    }
+    let Some(zone) = rules.zones.get(zone_name) else {
+        return Err(deny(
+            Reason::UnknownZone,
+            format!("Zone {zone_name} is not configured."),
+        ));
+    };
+    Ok(Admission {
+        device_id: String::new(),
+        username: username.to_string(),
+        org_unit: org_unit.name.clone(),
+        level,
+        zone: zone.name.clone(),
+        priority: org_unit.priority,
+        quota: org_unit.quota,
+        pool: zone.pool,
+        network: zone.network,
+        routes: zone
+            .routes
+            .iter()
+            .filter(|r| r.level <= level)
+            .map(|r| r.prefix)
+            .collect(),
+    })
 }
 
 /// Sessions already held, as the admission check sees them.

@@ -239,7 +239,9 @@ impl Sessions {
                     None => None,
                 }
             };
-            let others: Vec<Session> = match remote_ip(&req.remote_addr) {
+            // A session admitted without device checks names no device: nothing to compare.
+            let ip = remote_ip(&req.remote_addr).filter(|_| !adm.device_id.is_empty());
+            let others: Vec<Session> = match ip {
                 None => Vec::new(),
                 Some(ip) => t
                     .by_device

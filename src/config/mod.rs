@@ -9,9 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+mod radius;
 mod raw;
 mod validate;
 
+#[cfg(test)]
+pub use radius::test_secret_value;
+pub use radius::{
+    DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
+};
 use raw::RawConfig;
 use validate::validate;
 pub use validate::{DEFAULT_WORKERS, MAX_WORKERS};
@@ -46,6 +52,8 @@ pub struct Config {
     pub openvpn: Vec<OpenvpnInstance>,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The RADIUS front (`[radius]`), if configured.
+    pub radius: Option<RadiusConfig>,
 }
 
 /// Listeners and API access.
