@@ -345,26 +345,8 @@ fn check_person(
         )
     })?;
 
-    let Some(device) = device else {
-        return person_without_device(zone_name, rules, username, org_unit, own_level);
-    };
-    let assigned = if device.users.is_empty() {
-        *device.org_unit == *org_unit.name
-    } else {
-        device.users.iter().any(|u| &**u == username)
-    };
-    if !assigned {
-        return Err(deny(
-            Reason::UserNotAssigned,
-            if device.users.is_empty() {
-                format!(
-                    "Device {} is a pool device of org unit {}, and user {username} belongs to {}.",
-                    device.id, device.org_unit, org_unit.name
-                )
-            } else {
-                format!("Device {} is not assigned to user {username}.", device.id)
-            },
-        ));
+    if let Some(device) = device {
+        check_assignment(device, username, org_unit)?;
     }
 
     let level = own_level.unwrap_or(org_unit.level);
@@ -382,7 +364,9 @@ fn check_person(
 
     let zone = rules.zones.get(zone_name);
     let needed = level.max(zone.map(|z| z.level).unwrap_or(0));
-    if device.clearance < needed {
+    if let Some(device) = device
+        && device.clearance < needed
+    {
         return Err(deny(
             Reason::DeviceClearance,
             format!(
@@ -401,8 +385,11 @@ fn check_person(
         ));
     };
 
+    // Without a device (its checks skipped by configuration), the user's own level stands in
+    // for the device's clearance.
+    let clearance = device.map_or(level, |d| d.clearance);
     Ok(Admission {
-        device_id: device.id.to_string(),
+        device_id: device.map(|d| d.id.to_string()).unwrap_or_default(),
         username: username.to_string(),
         org_unit: org_unit.name.clone(),
         level,
@@ -414,10 +401,37 @@ fn check_person(
         routes: zone
             .routes
             .iter()
-            .filter(|r| r.level <= device.clearance)
+            .filter(|r| r.level <= clearance)
             .map(|r| r.prefix)
             .collect(),
     })
+}
+
+/// A device assigned to named users serves only them; a pool device only its own org unit.
+fn check_assignment(
+    device: &Device,
+    username: &str,
+    org_unit: &crate::config::OrgUnit,
+) -> Result<(), Denial> {
+    let assigned = if device.users.is_empty() {
+        *device.org_unit == *org_unit.name
+    } else {
+        device.users.iter().any(|u| &**u == username)
+    };
+    if !assigned {
+        return Err(deny(
+            Reason::UserNotAssigned,
+            if device.users.is_empty() {
+                format!(
+                    "Device {} is a pool device of org unit {}, and user {username} belongs to {}.",
+                    device.id, device.org_unit, org_unit.name
+                )
+            } else {
+                format!("Device {} is not assigned to user {username}.", device.id)
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// Every check but capacity and the hardware address for a device named by its inventory id
@@ -500,52 +514,6 @@ pub fn recheck(
         policy.revoke_patch_grace_days,
     )?;
     check_person(live.username, live.zone, rules, registry, Some(device)).map(|_| ())
-}
-
-/// The person, level and zone checks for a request whose device checks are skipped.
-fn person_without_device(
-    zone_name: &str,
-    rules: &Rules,
-    username: &str,
-    org_unit: &crate::config::OrgUnit,
-    own_level: Option<u8>,
-) -> Result<Admission, Denial> {
-    let policy = &rules.policy;
-    let level = own_level.unwrap_or(org_unit.level);
-    if level > policy.remote_max_level && !org_unit.remote_exception {
-        return Err(deny(
-            Reason::RemoteWorkNotPermitted,
-            format!(
-                "User {username} works at data-protection level {}, above the remote-work ceiling {}, and org unit {} has no exception.",
-                rules.level_name(level),
-                rules.level_name(policy.remote_max_level),
-                org_unit.name
-            ),
-        ));
-    }
-    let Some(zone) = rules.zones.get(zone_name) else {
-        return Err(deny(
-            Reason::UnknownZone,
-            format!("Zone {zone_name} is not configured."),
-        ));
-    };
-    Ok(Admission {
-        device_id: String::new(),
-        username: username.to_string(),
-        org_unit: org_unit.name.clone(),
-        level,
-        zone: zone.name.clone(),
-        priority: org_unit.priority,
-        quota: org_unit.quota,
-        pool: zone.pool,
-        network: zone.network,
-        routes: zone
-            .routes
-            .iter()
-            .filter(|r| r.level <= level)
-            .map(|r| r.prefix)
-            .collect(),
-    })
 }
 
 /// Sessions already held, as the admission check sees them.
