@@ -62,6 +62,8 @@ pub struct Metrics {
     pub sessions_reaped: IntCounterVec,
     /// Audit log write failures.
     pub audit_errors: IntCounter,
+    /// Time a session store commit takes (one transaction, many decisions under load).
+    pub store_commit_duration: Histogram,
     /// Capacity refusals by org unit and reason.
     pub capacity_refusals: IntCounterVec,
     /// Live sessions a reload ended because they would now be refused, by reason.
@@ -139,6 +141,17 @@ impl Metrics {
             ]),
         )?;
         r.register(Box::new(decision_duration.clone()))?;
+        let store_commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pforte_store_commit_duration_seconds",
+                "Time one session store commit (a transaction of one or many changes) takes.",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+        )?;
+        r.register(Box::new(store_commit_duration.clone()))?;
         let session_duration = HistogramVec::new(
             HistogramOpts::new(
                 "pforte_session_duration_seconds",
@@ -170,6 +183,7 @@ impl Metrics {
                 &["decision", "reason"],
             )?,
             decision_duration,
+            store_commit_duration,
             sessions: gauge_vec(
                 &r,
                 "pforte_sessions",

@@ -138,14 +138,11 @@ pub fn spawn_checkpointer(
                             if let Err(e) = checkpoint("RESTART") {
                                 tracing::debug!(error = %e, "WAL restart did not run");
                             }
-                            let took = started.elapsed();
-                            if took > Duration::from_millis(10) {
-                                tracing::warn!(
-                                    ?took,
-                                    frames_left = log - done,
-                                    "WAL restart held commits back"
-                                );
-                            }
+                            tracing::debug!(
+                                took = ?started.elapsed(),
+                                frames_left = log - done,
+                                "WAL restarted"
+                            );
                             break;
                         }
                     }
