@@ -15,6 +15,8 @@
     clippy::needless_range_loop
 )]
 
+#[path = "../tests/support/freeradius.rs"]
+mod freeradius;
 #[path = "common/machine.rs"]
 mod machine;
 
@@ -87,8 +89,6 @@ fn mac(i: usize) -> String {
 }
 
 fn start_freeradius(dir: &Path, port: u16, users: usize) -> Proc {
-    let d = dir.display();
-    std::fs::write(dir.join("dictionary"), "").unwrap();
     // The same device allow-list as pforte's registry: user i may log in only from device i.
     let mut list = String::new();
     for i in 0..users {
@@ -98,72 +98,7 @@ fn start_freeradius(dir: &Path, port: u16, users: usize) -> Proc {
         ));
     }
     list.push_str("DEFAULT Auth-Type := Reject\n");
-    std::fs::write(dir.join("users"), list).unwrap();
-    std::fs::write(
-        dir.join("radiusd.conf"),
-        format!(
-            r#"prefix = /usr
-exec_prefix = /usr
-sysconfdir = /etc
-localstatedir = /var
-sbindir = /usr/sbin
-logdir = {d}
-raddbdir = {d}
-radacctdir = {d}
-name = freeradius
-confdir = {d}
-modconfdir = {d}
-certdir = {d}
-cadir = {d}
-run_dir = {d}
-db_dir = {d}
-libdir = /usr/lib/freeradius
-pidfile = {d}/radiusd.pid
-max_request_time = 30
-cleanup_delay = 5
-max_requests = 1048576
-hostname_lookups = no
-log {{
-  destination = files
-  file = {d}/radius.log
-}}
-security {{
-  max_attributes = 200
-  reject_delay = 0
-  status_server = no
-}}
-client local {{
-  ipaddr = 127.0.0.1
-  secret = {UP_SECRET}
-  require_message_authenticator = yes
-}}
-modules {{
-  pap {{
-  }}
-  files {{
-    filename = {d}/users
-  }}
-}}
-server default {{
-  listen {{
-    type = auth
-    ipaddr = 127.0.0.1
-    port = {port}
-  }}
-  authorize {{
-    files
-    pap
-  }}
-  authenticate {{
-    Auth-Type PAP {{
-      pap
-    }}
-  }}
-}}
-"#
-        ),
-    )
-    .unwrap();
+    freeradius::write_config(dir, port, UP_SECRET, &list);
     let child = Command::new("freeradius")
         .args(["-f", "-d"])
         .arg(dir)

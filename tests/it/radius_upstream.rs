@@ -9,103 +9,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::harness::{Case, Need, trial};
-use crate::common::{Setup, have_tool, wait_for};
+use crate::common::{Setup, freeradius, have_tool, wait_for};
 use crate::radius_front::{
     RDev, Reaped, SECRET, access, cisco, free_udp_port, radius_fixture, session_ids,
 };
 
 pub const UPSTREAM_SECRET: &str = "upstream-test-secret";
 
-/// Writes a minimal FreeRADIUS config into `dir`: one auth listener on `port`, pforte
-/// (127.0.0.1) as its client with Message-Authenticator required, `files` with `users`.
+/// Writes a minimal FreeRADIUS config into `dir` with pforte's upstream secret.
 pub fn write_freeradius(dir: &Path, port: u16, users: &str) {
-    let d = dir.display();
-    std::fs::write(dir.join("dictionary"), "").unwrap();
-    std::fs::write(dir.join("users"), users).unwrap();
-    std::fs::write(
-        dir.join("radiusd.conf"),
-        format!(
-            r#"prefix = /usr
-exec_prefix = /usr
-sysconfdir = /etc
-localstatedir = /var
-sbindir = /usr/sbin
-logdir = {d}
-raddbdir = {d}
-radacctdir = {d}
-name = freeradius
-confdir = {d}
-modconfdir = {d}
-certdir = {d}
-cadir = {d}
-run_dir = {d}
-db_dir = {d}
-libdir = /usr/lib/freeradius
-pidfile = {d}/radiusd.pid
-max_request_time = 30
-cleanup_delay = 5
-max_requests = 65536
-hostname_lookups = no
-log {{
-  destination = stdout
-}}
-security {{
-  allow_core_dumps = no
-  max_attributes = 200
-  reject_delay = 0
-  status_server = no
-}}
-thread pool {{
-  start_servers = 2
-  max_servers = 4
-  min_spare_servers = 1
-  max_spare_servers = 4
-  max_requests_per_server = 0
-}}
-client pforte {{
-  ipaddr = 127.0.0.1
-  secret = {UPSTREAM_SECRET}
-  require_message_authenticator = yes
-}}
-modules {{
-  pap {{
-  }}
-  files {{
-    filename = {d}/users
-  }}
-  eap {{
-    default_eap_type = md5
-    timer_expire = 60
-    ignore_unknown_eap_types = no
-    max_sessions = 4096
-    md5 {{
-    }}
-  }}
-}}
-server default {{
-  listen {{
-    type = auth
-    ipaddr = 127.0.0.1
-    port = {port}
-  }}
-  authorize {{
-    files
-    eap {{
-      ok = return
-    }}
-    pap
-  }}
-  authenticate {{
-    Auth-Type PAP {{
-      pap
-    }}
-    eap
-  }}
-}}
-"#
-        ),
-    )
-    .unwrap();
+    freeradius::write_config(dir, port, UPSTREAM_SECRET, users);
 }
 
 /// Starts `freeradius -f -d DIR` (foreground, its log in DIR/freeradius.log) and waits until it

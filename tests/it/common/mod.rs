@@ -5,6 +5,8 @@
 
 #[path = "../../support/daemon.rs"]
 pub mod daemon;
+#[path = "../../support/freeradius.rs"]
+pub mod freeradius;
 pub mod harness;
 pub mod openvpn;
 
