@@ -7,93 +7,17 @@
 //! Set `PFORTE_RADIUS_SEEDS=<dir>` to keep every datagram exchanged there (the fuzz seeds in
 //! `fuzz/seeds/radius_packet/` were captured so).
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pforte::vpn::radius::{Code, Packet, Secret, attr, auth};
 
 use crate::common::harness::{Case, Need, trial};
 use crate::common::have_tool;
+use crate::common::radclient::Radclient;
 
 const SECRET: &str = "Zw8-radius-test-secret";
-
-/// One radclient run, killed when dropped.
-struct Radclient {
-    child: Child,
-    /// Its raddb folder, removed after it.
-    _raddb: tempfile::TempDir,
-}
-
-impl Radclient {
-    /// Starts `radclient -x -r 1 -t 2 127.0.0.1:PORT <command> SECRET` with `attrs` on stdin.
-    fn start(port: u16, command: &str, attrs: &str) -> Radclient {
-        let dict = tempfile::tempdir().unwrap();
-        // radclient reads `<raddb>/dictionary` too; an empty one keeps the test independent of
-        // freeradius-config (the vendor dictionaries come from `-D`, freeradius-common).
-        std::fs::write(dict.path().join("dictionary"), "").unwrap();
-        let mut child = Command::new("radclient")
-            .args([
-                "-x",
-                "-r",
-                "1",
-                "-t",
-                "2",
-                "-D",
-                "/usr/share/freeradius",
-                "-d",
-            ])
-            .arg(dict.path())
-            .arg(format!("127.0.0.1:{port}"))
-            .args([command, SECRET])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(attrs.as_bytes()).unwrap();
-        drop(stdin);
-        Radclient {
-            child,
-            _raddb: dict,
-        }
-    }
-
-    /// Waits (at most 10 s) for radclient to exit: its exit code and stdout + stderr.
-    fn finish(mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut code = None;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                code = status.code();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if code.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let mut out = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = self.child.stderr.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        (code, out)
-    }
-}
-
-impl Drop for Radclient {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A UDP socket on loopback for radclient to talk to.
 fn listen() -> (UdpSocket, u16) {
@@ -190,7 +114,7 @@ fn radius_codec_cisco_anyconnect_request_and_our_accept() {
         return;
     }
     let (sock, port) = listen();
-    let rc = Radclient::start(port, "auth", CISCO);
+    let rc = Radclient::start(port, "auth", SECRET, CISCO);
     let (req, from) = receive_access_request(&sock, "cisco", "correct horse battery staple");
     assert_eq!(req.get_str(attr::USER_NAME).unwrap(), Some("alice"));
     assert_eq!(
@@ -234,7 +158,7 @@ PaloAlto-GlobalProtect-Client-Version = "6.2.1-59"
 Calling-Station-Id = "198.51.100.4"
 NAS-IP-Address = 192.0.2.11
 "#;
-    let rc = Radclient::start(port, "auth", attrs);
+    let rc = Radclient::start(port, "auth", SECRET, attrs);
     let (req, from) = receive_access_request(
         &sock,
         "paloalto",
@@ -276,7 +200,7 @@ Connect-Info = "vpn-ssl"
 Fortinet-Vdom-Name = "root"
 Fortinet-Client-IP-Address = 192.0.2.99
 "#;
-    let rc = Radclient::start(port, "auth", attrs);
+    let rc = Radclient::start(port, "auth", SECRET, attrs);
     let (req, from) = receive_access_request(&sock, "fortinet", "x");
     assert_eq!(req.get_str(attr::NAS_IDENTIFIER).unwrap(), Some("fgt-1"));
     assert_eq!(req.get_u32(attr::NAS_PORT_TYPE).unwrap(), Some(5));
@@ -314,7 +238,7 @@ fn radius_codec_radclient_refuses_a_wrong_response_authenticator() {
         return;
     }
     let (sock, port) = listen();
-    let rc = Radclient::start(port, "auth", CISCO);
+    let rc = Radclient::start(port, "auth", SECRET, CISCO);
     let (req, from) = receive_access_request(&sock, "cisco_bad_ra", "correct horse battery staple");
     let mut resp = accept(&req);
     let mut bytes = auth::finalize_response(&mut resp, &req.authenticator, &secret()).unwrap();
@@ -327,7 +251,7 @@ fn radius_codec_radclient_refuses_a_wrong_message_authenticator() {
         return;
     }
     let (sock, port) = listen();
-    let rc = Radclient::start(port, "auth", CISCO);
+    let rc = Radclient::start(port, "auth", SECRET, CISCO);
     let (req, from) = receive_access_request(&sock, "cisco_bad_ma", "correct horse battery staple");
     let mut resp = accept(&req);
     auth::finalize_response(&mut resp, &req.authenticator, &secret()).unwrap();
@@ -400,7 +324,7 @@ fn radius_codec_accounting_request_and_our_response() {
         return;
     }
     let (sock, port) = listen();
-    let rc = Radclient::start(port, "acct", ACCT_START);
+    let rc = Radclient::start(port, "acct", SECRET, ACCT_START);
     let (req, from) = receive_accounting(&sock, "acct_start");
     let mut resp = Packet::response_to(&req, Code::AccountingResponse);
     let bytes = auth::finalize_response(&mut resp, &req.authenticator, &secret()).unwrap();
@@ -420,7 +344,7 @@ fn radius_codec_radclient_refuses_a_wrong_accounting_response() {
         return;
     }
     let (sock, port) = listen();
-    let rc = Radclient::start(port, "acct", ACCT_START);
+    let rc = Radclient::start(port, "acct", SECRET, ACCT_START);
     let (req, from) = receive_accounting(&sock, "acct_bad_ra");
     let mut resp = Packet::response_to(&req, Code::AccountingResponse);
     // Signed with another secret: the Response Authenticator is wrong for radclient's.
@@ -444,7 +368,7 @@ fn radius_codec_disconnect_request_and_our_ack() {
 User-Name = "alice"
 Message-Authenticator = 0x00
 "#;
-    let rc = Radclient::start(port, "disconnect", attrs);
+    let rc = Radclient::start(port, "disconnect", SECRET, attrs);
     let (bytes, from) = receive(&sock, "disconnect");
     let req = Packet::decode(&bytes).unwrap();
     assert_eq!(req.code, Code::DisconnectRequest);

@@ -3,9 +3,7 @@
 //! dictionaries, source addresses set with `Packet-Src-IP-Address`), and hostile datagrams of our
 //! own over UDP.
 
-use std::io::{Read, Write};
 use std::net::UdpSocket;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pforte::vpn::radius::{Code, Packet, Secret, attr, auth};
@@ -166,47 +164,7 @@ impl Drop for Reaped {
 
 /// One radclient run (`-x`, one try, 2 s): exit code and everything it printed.
 pub fn radclient(port: u16, command: &str, secret: &str, attrs: &str) -> (Option<i32>, String) {
-    let dict = tempfile::tempdir().unwrap();
-    std::fs::write(dict.path().join("dictionary"), "").unwrap();
-    let mut child = Reaped(
-        Command::new("radclient")
-            .args([
-                "-x",
-                "-r",
-                "1",
-                "-t",
-                "2",
-                "-D",
-                "/usr/share/freeradius",
-                "-d",
-            ])
-            .arg(dict.path())
-            .arg(format!("127.0.0.1:{port}"))
-            .args([command, secret])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let c = &mut child.0;
-    c.stdin.take().unwrap().write_all(attrs.as_bytes()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut code = None;
-    while Instant::now() < deadline {
-        if let Some(status) = c.try_wait().unwrap() {
-            code = status.code();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if code.is_none() {
-        let _ = c.kill();
-    }
-    let mut out = String::new();
-    let _ = c.stdout.take().unwrap().read_to_string(&mut out);
-    let _ = c.stderr.take().unwrap().read_to_string(&mut out);
-    (code, out)
+    crate::common::radclient::Radclient::start(port, command, secret, attrs).finish()
 }
 
 /// A Cisco AnyConnect-shaped Access-Request.

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod freeradius;
 pub mod harness;
 pub mod openvpn;
+pub mod radclient;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
