@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 mod raw;
+mod store;
 mod validate;
 
 use raw::RawConfig;
+pub use store::{Backend, PostgresConfig};
 use validate::validate;
 pub use validate::{DEFAULT_WORKERS, MAX_WORKERS};
 
@@ -100,6 +102,8 @@ pub enum FailMode {
 /// The session store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// SQLite (one concentrator) or PostgreSQL (several sharing seats).
+    pub backend: Backend,
     /// SQLite file.
     pub path: PathBuf,
     /// What a failed write does to a connect.
