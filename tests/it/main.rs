@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cli;
+mod cluster;
 mod common;
 mod ctl;
 mod daemon;
@@ -25,6 +26,7 @@ mod revocation;
 fn main() -> std::process::ExitCode {
     let cases = [
         cli::tests(),
+        cluster::tests(),
         common::tests(),
         ctl::tests(),
         daemon::tests(),

@@ -7,6 +7,7 @@
 pub mod daemon;
 pub mod harness;
 pub mod openvpn;
+pub mod postgres;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
