@@ -524,11 +524,82 @@ async fn postgres_stopped_and_started_during_a_storm() {
     }
 }
 
+/// Capacity is cluster-wide, with one source of truth: the limits of the node that started (or
+/// reloaded) last are in force everywhere, and a node whose config differs says so in a metric
+/// and its log. A node on PostgreSQL exports every cluster metric.
+async fn the_last_node_started_sets_the_limits_and_a_differing_node_says_so() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..6)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let fa = node(
+        &pg,
+        "pforte",
+        "gwa",
+        3,
+        Setup {
+            max_sessions: 5,
+            per_user: 0,
+            ..Setup::default()
+        },
+        &devices,
+    );
+    let fb = node(
+        &pg,
+        "pforte",
+        "gwb",
+        3,
+        Setup {
+            max_sessions: 3,
+            per_user: 0,
+            ..Setup::default()
+        },
+        &devices,
+    );
+    let a = fa.start();
+    let b = fb.start();
+    wait_for("node a to see the mismatch", Duration::from_secs(5), || {
+        a.metric("pforte_cluster_config_mismatch") == Some(1.0)
+    });
+    assert_eq!(b.metric("pforte_cluster_config_mismatch"), Some(0.0));
+    assert!(a.log().contains("differ from the cluster's limits"));
+    let mut ca = a.client().await;
+    let mut got = Vec::new();
+    for (i, dev) in devices.iter().enumerate().take(4) {
+        let (_, r) = ca
+            .connect_request(&connect_req(dev, "alice", &format!("a{i}")))
+            .await
+            .unwrap();
+        got.push(reason(&r));
+    }
+    assert_eq!(
+        got,
+        ["allowed", "allowed", "allowed", "capacity_full"],
+        "node b's 3 seats apply on node a"
+    );
+    wait_for("cluster metrics", Duration::from_secs(5), || {
+        a.metric("pforte_cluster_seats_used") == Some(3.0)
+    });
+    let text = a.metrics();
+    for m in crate::common::postgres::CLUSTER_METRICS {
+        assert!(
+            text.lines().any(|l| l.starts_with(m)),
+            "{m} not exported:\n{text}"
+        );
+    }
+    assert_eq!(a.metric("pforte_cluster_sessions{node=\"gwa\"}"), Some(3.0));
+    assert_eq!(
+        a.metric("pforte_cluster_node_info{node=\"gwa\"}"),
+        Some(1.0)
+    );
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) sessions_are_listed_and_killed_from_any_node_and_a_restart_loses_nothing, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_node_killed_hard_loses_its_seats_once_its_lease_lapses, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) postgres_stopped_and_started_during_a_storm, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) the_last_node_started_sets_the_limits_and_a_differing_node_says_so, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }

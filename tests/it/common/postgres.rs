@@ -8,6 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// The metrics a node exports only with `backend = "postgres"` (the operations checks count
+/// them as exported; `cluster::` checks that a node on PostgreSQL exports each).
+pub const CLUSTER_METRICS: &[&str] = &[
+    "pforte_cluster_seats_used",
+    "pforte_cluster_sessions",
+    "pforte_cluster_node_lease_ok",
+    "pforte_cluster_sessions_expired_total",
+    "pforte_cluster_config_mismatch",
+    "pforte_cluster_node_info",
+];
+
 /// The superuser's password (set by `initdb`; TCP logins need it, pforte reads it from a file).
 pub const PASSWORD: &str = "pforte-test-secret";
 
