@@ -7,6 +7,7 @@
 
 mod cli;
 mod cluster;
+mod cluster_openvpn_e2e;
 mod common;
 mod ctl;
 mod daemon;
@@ -27,6 +28,7 @@ fn main() -> std::process::ExitCode {
     let cases = [
         cli::tests(),
         cluster::tests(),
+        cluster_openvpn_e2e::tests(),
         common::tests(),
         ctl::tests(),
         daemon::tests(),
