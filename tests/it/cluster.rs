@@ -594,6 +594,48 @@ async fn the_last_node_started_sets_the_limits_and_a_differing_node_says_so() {
     );
 }
 
+/// Fail mode open: with PostgreSQL gone a connect is admitted on this node's word alone, and
+/// recorded in the shared store once it is back.
+async fn fail_open_admits_without_the_database_and_records_later() {
+    let pg = Postgres::start();
+    let devices = [Dev::good("D-0", "alice"), Dev::good("D-1", "alice")];
+    let mut setup = Setup::default();
+    setup
+        .env
+        .push(("PFORTE_STORE__FAIL_MODE".into(), "open".into()));
+    let f = node(&pg, "pforte", "gwa", 60, setup, &devices);
+    let d = f.start();
+    let mut c = d.client().await;
+    let (_, r) = c
+        .connect_request(&connect_req(&devices[0], "alice", "k0"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed");
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_server());
+    let t = Instant::now();
+    let (_, r) = c
+        .connect_request(&connect_req(&devices[1], "alice", "k1"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed", "{}", d.log());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let id = r.session_id.unwrap();
+    assert_eq!(d.metric("pforte_store_healthy"), Some(0.0));
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    let got = pg.wait_query(
+        "pforte",
+        &format!("SELECT count(*) FROM pforte_sessions WHERE id = '{id}'"),
+        Duration::from_secs(10),
+        |o| o == "1",
+    );
+    assert_eq!(got, "1", "recorded once PostgreSQL is back\n{}", d.log());
+    assert_eq!(
+        pg.psql("pforte", "SELECT n FROM pforte_counts WHERE kind = 't'"),
+        "2"
+    );
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -601,5 +643,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) a_node_killed_hard_loses_its_seats_once_its_lease_lapses, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) postgres_stopped_and_started_during_a_storm, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) the_last_node_started_sets_the_limits_and_a_differing_node_says_so, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) fail_open_admits_without_the_database_and_records_later, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }
