@@ -115,6 +115,9 @@ DECLARE
     ok_idx bigint[] := '{}';
     ous text[];
     users text[];
+    n_all integer;
+    n_general integer;
+    fits boolean;
 BEGIN
     IF p_batch ? 'admit' OR p_batch ? 'upsert' OR p_batch ? 'delete' THEN
         SELECT limits INTO lim FROM pforte_cluster WHERE id = 1 FOR UPDATE;
@@ -140,46 +143,74 @@ BEGIN
         v_per_user := coalesce((lim->>'max_sessions_per_user')::integer, 0);
         SELECT n INTO v_total FROM pforte_counts WHERE kind = 't' AND key = '';
         v_total := coalesce(v_total, 0);
-        SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO ou_n FROM pforte_counts
-            WHERE kind = 'o' AND key IN
-                (SELECT x->>'org_unit' FROM jsonb_array_elements(p_batch->'admit') x);
-        SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO user_n FROM pforte_counts
-            WHERE kind = 'u' AND key IN
-                (SELECT x->>'username' FROM jsonb_array_elements(p_batch->'admit') x);
-        FOR c IN SELECT x, i FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
-        LOOP
-            ou := c.x->>'org_unit';
-            usr := c.x->>'username';
-            cap := CASE WHEN (c.x->>'priority')::boolean THEN v_max
-                        ELSE greatest(v_max - v_reserved, 0) END;
-            quota := coalesce((lim->'quotas'->>ou)::integer, 0);
-            n_ou := coalesce((ou_n->>ou)::integer, 0);
-            n_user := coalesce((user_n->>usr)::integer, 0);
-            IF v_total >= cap THEN
-                results := results || 'capacity_full'::text;
-            ELSIF quota > 0 AND n_ou >= quota THEN
-                results := results || 'org_unit_quota'::text;
-            ELSIF v_per_user > 0 AND n_user >= v_per_user THEN
-                results := results || 'user_session_limit'::text;
-            ELSE
-                results := results || 'ok'::text;
-                ok_idx := ok_idx || c.i;
-                v_total := v_total + 1;
-                ou_n := jsonb_set(ou_n, ARRAY[ou], to_jsonb(n_ou + 1));
-                user_n := jsonb_set(user_n, ARRAY[usr], to_jsonb(n_user + 1));
-            END IF;
-        END LOOP;
-        IF cardinality(ok_idx) > 0 THEN
+        -- The common case: every candidate fits (seats, quotas, per-user limit even if all are
+        -- admitted). Then they are all admitted without the loop below, set-based; deciding
+        -- them one by one would admit the same.
+        SELECT count(*), count(*) FILTER (WHERE NOT (x->>'priority')::boolean)
+          INTO n_all, n_general FROM jsonb_array_elements(p_batch->'admit') x;
+        fits := v_total + n_all <= CASE WHEN n_general > 0 THEN v_max - v_reserved ELSE v_max END
+            AND NOT EXISTS (
+                SELECT 1 FROM (SELECT x->>'org_unit' AS ou, count(*) AS n
+                                 FROM jsonb_array_elements(p_batch->'admit') x GROUP BY 1) b
+                LEFT JOIN pforte_counts k ON k.kind = 'o' AND k.key = b.ou
+                WHERE coalesce((lim->'quotas'->>b.ou)::integer, 0) > 0
+                  AND coalesce(k.n, 0) + b.n > (lim->'quotas'->>b.ou)::integer)
+            AND (v_per_user = 0 OR NOT EXISTS (
+                SELECT 1 FROM (SELECT x->>'username' AS usr, count(*) AS n
+                                 FROM jsonb_array_elements(p_batch->'admit') x GROUP BY 1) b
+                LEFT JOIN pforte_counts k ON k.kind = 'u' AND k.key = b.usr
+                WHERE coalesce(k.n, 0) + b.n > v_per_user));
+        IF fits THEN
             WITH ins AS (
                 INSERT INTO pforte_sessions
-                    SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions,
-                        (SELECT jsonb_agg(x ORDER BY i)
-                           FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
-                          WHERE i = ANY (ok_idx)))
+                    SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions, p_batch->'admit')
                 RETURNING org_unit, username
             )
             SELECT array_agg(org_unit), array_agg(username) INTO ous, users FROM ins;
             PERFORM pforte_bump(ous, users, 1);
+            results := array_fill('ok'::text, ARRAY[n_all]);
+        ELSE
+            SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO ou_n FROM pforte_counts
+                WHERE kind = 'o' AND key IN
+                    (SELECT x->>'org_unit' FROM jsonb_array_elements(p_batch->'admit') x);
+            SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO user_n FROM pforte_counts
+                WHERE kind = 'u' AND key IN
+                    (SELECT x->>'username' FROM jsonb_array_elements(p_batch->'admit') x);
+            FOR c IN SELECT x, i FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
+            LOOP
+                ou := c.x->>'org_unit';
+                usr := c.x->>'username';
+                cap := CASE WHEN (c.x->>'priority')::boolean THEN v_max
+                            ELSE greatest(v_max - v_reserved, 0) END;
+                quota := coalesce((lim->'quotas'->>ou)::integer, 0);
+                n_ou := coalesce((ou_n->>ou)::integer, 0);
+                n_user := coalesce((user_n->>usr)::integer, 0);
+                IF v_total >= cap THEN
+                    results := results || 'capacity_full'::text;
+                ELSIF quota > 0 AND n_ou >= quota THEN
+                    results := results || 'org_unit_quota'::text;
+                ELSIF v_per_user > 0 AND n_user >= v_per_user THEN
+                    results := results || 'user_session_limit'::text;
+                ELSE
+                    results := results || 'ok'::text;
+                    ok_idx := ok_idx || c.i;
+                    v_total := v_total + 1;
+                    ou_n := jsonb_set(ou_n, ARRAY[ou], to_jsonb(n_ou + 1));
+                    user_n := jsonb_set(user_n, ARRAY[usr], to_jsonb(n_user + 1));
+                END IF;
+            END LOOP;
+            IF cardinality(ok_idx) > 0 THEN
+                WITH ins AS (
+                    INSERT INTO pforte_sessions
+                        SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions,
+                            (SELECT jsonb_agg(x ORDER BY i)
+                               FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
+                              WHERE i = ANY (ok_idx)))
+                    RETURNING org_unit, username
+                )
+                SELECT array_agg(org_unit), array_agg(username) INTO ous, users FROM ins;
+                PERFORM pforte_bump(ous, users, 1);
+            END IF;
         END IF;
     END IF;
 
