@@ -115,10 +115,27 @@ DECLARE
     ok_idx bigint[] := '{}';
     ous text[];
     users text[];
+    adm_ous text[];
+    adm_users text[];
     n_all integer;
     n_general integer;
     fits boolean;
 BEGIN
+    -- Before the lock, what needs none: the candidates' rows are inserted now, invisible to
+    -- every other transaction until the commit (admissions read the counters, not the rows);
+    -- those refused are deleted again below. The lock is held for the decision and the
+    -- counters only (and, unavoidably, the commit).
+    IF p_batch ? 'admit' THEN
+        SELECT count(*), count(*) FILTER (WHERE NOT (x->>'priority')::boolean)
+          INTO n_all, n_general FROM jsonb_array_elements(p_batch->'admit') x;
+        WITH ins AS (
+            INSERT INTO pforte_sessions
+                SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions, p_batch->'admit')
+            RETURNING org_unit, username
+        )
+        SELECT array_agg(org_unit), array_agg(username) INTO adm_ous, adm_users FROM ins;
+    END IF;
+
     IF p_batch ? 'admit' OR p_batch ? 'upsert' OR p_batch ? 'delete' THEN
         SELECT limits INTO lim FROM pforte_cluster WHERE id = 1 FOR UPDATE;
     END IF;
@@ -143,39 +160,27 @@ BEGIN
         v_per_user := coalesce((lim->>'max_sessions_per_user')::integer, 0);
         SELECT n INTO v_total FROM pforte_counts WHERE kind = 't' AND key = '';
         v_total := coalesce(v_total, 0);
-        -- The common case: every candidate fits (seats, quotas, per-user limit even if all are
-        -- admitted). Then they are all admitted without the loop below, set-based; deciding
-        -- them one by one would admit the same.
-        SELECT count(*), count(*) FILTER (WHERE NOT (x->>'priority')::boolean)
-          INTO n_all, n_general FROM jsonb_array_elements(p_batch->'admit') x;
+        -- The common case: every candidate fits (seats, quotas, per-user limit even with all
+        -- of them admitted). Deciding them one by one would admit them all, so they are.
         fits := v_total + n_all <= CASE WHEN n_general > 0 THEN v_max - v_reserved ELSE v_max END
             AND NOT EXISTS (
-                SELECT 1 FROM (SELECT x->>'org_unit' AS ou, count(*) AS n
-                                 FROM jsonb_array_elements(p_batch->'admit') x GROUP BY 1) b
+                SELECT 1 FROM (SELECT o AS ou, count(*) AS n FROM unnest(adm_ous) o GROUP BY 1) b
                 LEFT JOIN pforte_counts k ON k.kind = 'o' AND k.key = b.ou
                 WHERE coalesce((lim->'quotas'->>b.ou)::integer, 0) > 0
                   AND coalesce(k.n, 0) + b.n > (lim->'quotas'->>b.ou)::integer)
             AND (v_per_user = 0 OR NOT EXISTS (
-                SELECT 1 FROM (SELECT x->>'username' AS usr, count(*) AS n
-                                 FROM jsonb_array_elements(p_batch->'admit') x GROUP BY 1) b
+                SELECT 1 FROM (SELECT u AS usr, count(*) AS n FROM unnest(adm_users) u GROUP BY 1) b
                 LEFT JOIN pforte_counts k ON k.kind = 'u' AND k.key = b.usr
                 WHERE coalesce(k.n, 0) + b.n > v_per_user));
         IF fits THEN
-            WITH ins AS (
-                INSERT INTO pforte_sessions
-                    SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions, p_batch->'admit')
-                RETURNING org_unit, username
-            )
-            SELECT array_agg(org_unit), array_agg(username) INTO ous, users FROM ins;
-            PERFORM pforte_bump(ous, users, 1);
+            PERFORM pforte_bump(adm_ous, adm_users, 1);
             results := array_fill('ok'::text, ARRAY[n_all]);
         ELSE
+            -- In order, each against the counts as the ones before it left them.
             SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO ou_n FROM pforte_counts
-                WHERE kind = 'o' AND key IN
-                    (SELECT x->>'org_unit' FROM jsonb_array_elements(p_batch->'admit') x);
+                WHERE kind = 'o' AND key = ANY (adm_ous);
             SELECT coalesce(jsonb_object_agg(key, n), '{}') INTO user_n FROM pforte_counts
-                WHERE kind = 'u' AND key IN
-                    (SELECT x->>'username' FROM jsonb_array_elements(p_batch->'admit') x);
+                WHERE kind = 'u' AND key = ANY (adm_users);
             FOR c IN SELECT x, i FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
             LOOP
                 ou := c.x->>'org_unit';
@@ -199,16 +204,13 @@ BEGIN
                     user_n := jsonb_set(user_n, ARRAY[usr], to_jsonb(n_user + 1));
                 END IF;
             END LOOP;
+            DELETE FROM pforte_sessions WHERE id IN (
+                SELECT x->>'id' FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
+                 WHERE NOT (i = ANY (ok_idx)));
             IF cardinality(ok_idx) > 0 THEN
-                WITH ins AS (
-                    INSERT INTO pforte_sessions
-                        SELECT * FROM jsonb_populate_recordset(NULL::pforte_sessions,
-                            (SELECT jsonb_agg(x ORDER BY i)
-                               FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
-                              WHERE i = ANY (ok_idx)))
-                    RETURNING org_unit, username
-                )
-                SELECT array_agg(org_unit), array_agg(username) INTO ous, users FROM ins;
+                SELECT array_agg(x->>'org_unit'), array_agg(x->>'username') INTO ous, users
+                  FROM jsonb_array_elements(p_batch->'admit') WITH ORDINALITY AS t(x, i)
+                 WHERE i = ANY (ok_idx);
                 PERFORM pforte_bump(ous, users, 1);
             END IF;
         END IF;
