@@ -361,7 +361,7 @@ fn serve_main(path: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listeners = serve::bind(&config.server).await?;
+        let listeners = serve::bind_all(&config).await?;
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         // One signal loop, registered once: TERM/INT drain and exit, HUP reloads.

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub sessions_reaped: IntCounterVec,
     /// Audit log write failures.
     pub audit_errors: IntCounter,
+    /// Time a session store commit takes (one transaction, many decisions under load).
+    pub store_commit_duration: Histogram,
     /// Capacity refusals by org unit and reason.
     pub capacity_refusals: IntCounterVec,
     /// Live sessions a reload ended because they would now be refused, by reason.
@@ -70,6 +72,22 @@ pub struct Metrics {
     pub duplicate_devices: IntCounterVec,
     /// Reloads refused because they would remove too many devices at once.
     pub registry_mass_removals: IntCounter,
+    /// RADIUS requests by client (NAS name) and type.
+    pub radius_requests: IntCounterVec,
+    /// Access-Accepts sent, by client.
+    pub radius_accepts: IntCounterVec,
+    /// RADIUS packets dropped unanswered, by client (`unknown` for none) and reason.
+    pub radius_dropped: IntCounterVec,
+    /// RADIUS retransmissions answered from the duplicate cache, by client.
+    pub radius_duplicates: IntCounterVec,
+    /// Round-trip time to an upstream credential server, by upstream name.
+    pub radius_upstream_rtt: HistogramVec,
+    /// Upstream requests that timed out, by upstream name.
+    pub radius_upstream_timeouts: IntCounterVec,
+    /// Disconnect-Requests by client and result (ack, nak, timeout, error, no_dae).
+    pub radius_disconnects: IntCounterVec,
+    /// Accepted RADIUS sessions ended because their Accounting Start did not come, by client.
+    pub radius_start_timeouts: IntCounterVec,
     /// Cluster figures (PostgreSQL store only; registered by [`Metrics::enable_cluster`]).
     pub cluster: ClusterMetrics,
 }
@@ -184,6 +202,17 @@ impl Metrics {
             ]),
         )?;
         r.register(Box::new(decision_duration.clone()))?;
+        let store_commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pforte_store_commit_duration_seconds",
+                "Time one session store commit (a transaction of one or many changes) takes.",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+        )?;
+        r.register(Box::new(store_commit_duration.clone()))?;
         let session_duration = HistogramVec::new(
             HistogramOpts::new(
                 "pforte_session_duration_seconds",
@@ -195,6 +224,18 @@ impl Metrics {
             &["zone"],
         )?;
         r.register(Box::new(session_duration.clone()))?;
+        let radius_upstream_rtt = HistogramVec::new(
+            HistogramOpts::new(
+                "pforte_radius_upstream_rtt_seconds",
+                "Round-trip time of Access-Requests proxied to an upstream credential server.",
+            )
+            .buckets(vec![
+                0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0,
+            ]),
+            &["upstream"],
+        )?;
+        r.register(Box::new(radius_upstream_rtt.clone()))?;
         Ok(Metrics {
             decisions: counter_vec(
                 &r,
@@ -203,6 +244,7 @@ impl Metrics {
                 &["decision", "reason"],
             )?,
             decision_duration,
+            store_commit_duration,
             sessions: gauge_vec(
                 &r,
                 "pforte_sessions",
@@ -325,6 +367,49 @@ impl Metrics {
                 &r,
                 "pforte_registry_mass_removals_refused_total",
                 "Registry reloads refused because they would remove more than registry.max_removed_percent of the devices.",
+            )?,
+            radius_requests: counter_vec(
+                &r,
+                "pforte_radius_requests_total",
+                "Verified RADIUS requests by client (NAS) and type.",
+                &["client", "type"],
+            )?,
+            radius_accepts: counter_vec(
+                &r,
+                "pforte_radius_accepts_total",
+                "Access-Accepts sent, by client (NAS).",
+                &["client"],
+            )?,
+            radius_dropped: counter_vec(
+                &r,
+                "pforte_radius_dropped_total",
+                "RADIUS packets dropped without an answer, by client (unknown: no configured client) and reason.",
+                &["client", "reason"],
+            )?,
+            radius_duplicates: counter_vec(
+                &r,
+                "pforte_radius_duplicates_total",
+                "RADIUS retransmissions answered from the duplicate cache (RFC 5080), by client.",
+                &["client"],
+            )?,
+            radius_upstream_rtt,
+            radius_upstream_timeouts: counter_vec(
+                &r,
+                "pforte_radius_upstream_timeouts_total",
+                "Access-Requests an upstream credential server did not answer in time.",
+                &["upstream"],
+            )?,
+            radius_disconnects: counter_vec(
+                &r,
+                "pforte_radius_disconnects_total",
+                "Disconnect-Requests (RFC 5176) sent to a client, by result.",
+                &["client", "result"],
+            )?,
+            radius_start_timeouts: counter_vec(
+                &r,
+                "pforte_radius_accounting_start_timeouts_total",
+                "Accepted RADIUS sessions ended because no Accounting Start came in time.",
+                &["client"],
             )?,
             cluster: ClusterMetrics::new()?,
             registry: r,

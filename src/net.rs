@@ -49,6 +49,17 @@ pub fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, BindError> {
     socket.listen(LISTEN_BACKLOG as u32).map_err(err)
 }
 
+/// Binds a UDP socket (the RADIUS front), non-blocking, for the running tokio runtime.
+pub fn bind_udp(addr: std::net::SocketAddr) -> Result<tokio::net::UdpSocket, BindError> {
+    let err = |source| BindError {
+        what: format!("udp {addr}"),
+        source,
+    };
+    let std = std::net::UdpSocket::bind(addr).map_err(err)?;
+    std.set_nonblocking(true).map_err(err)?;
+    tokio::net::UdpSocket::from_std(std).map_err(err)
+}
+
 /// Binds a Unix socket with [`LISTEN_BACKLOG`]: creates its folder, removes a stale socket file
 /// first (never another kind of file), sets the mode right after.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, BindError> {

@@ -60,6 +60,8 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
         ("remote_addr", &req.remote_addr),
         ("tunnel_ip", &req.tunnel_ip),
         ("session_key", &req.session_key),
+        ("device_uid", &req.device_uid),
+        ("hostname", &req.hostname),
     ];
     for (name, value) in fields {
         if value.len() > MAX_FIELD_LEN {
@@ -78,7 +80,7 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
     if !VPN_KINDS.contains(&req.vpn.as_str()) {
         return Err(deny(
             Reason::BadRequest,
-            "Field `vpn` must be one of openvpn, strongswan, ocserv, other.",
+            "Field `vpn` must be one of openvpn, strongswan, ocserv, radius, other.",
         ));
     }
     if req.zone.is_empty() {
@@ -90,7 +92,14 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
             "Neither `username` nor `common_name` is given.",
         ));
     }
-    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() {
+    // A RADIUS request without any device identity is the concentrator's way (it sends none),
+    // not a malformed request: the device checks refuse it as unregistered (or skip, if so
+    // configured).
+    let identified = !(req.cert_sha256.is_empty()
+        && req.cert_serial.is_empty()
+        && req.device_uid.is_empty()
+        && req.hostname.is_empty());
+    if !identified && req.vpn != "radius" {
         return Err(deny(
             Reason::BadRequest,
             "Field `cert_sha256` is missing: the device cannot be identified.",
@@ -140,25 +149,41 @@ pub fn evaluate(
     today: NaiveDate,
 ) -> Result<Admission, Denial> {
     validate_request(req)?;
+    if req.skip_device_checks {
+        return check_person(req.identity(), &req.zone, rules, registry, None);
+    }
     let device = check_device(req, rules, registry, today, true)?;
-    check_person(req.identity(), &req.zone, rules, registry, device)
+    check_person(req.identity(), &req.zone, rules, registry, Some(device))
 }
 
-/// The registry entry a request names: by certificate fingerprint, else (where configured) by
-/// serial.
+/// The device a request names: by certificate fingerprint, else serial (where configured),
+/// else the concentrator's device uid, else the host name.
 pub fn find_device<'r>(
     req: &ConnectRequest,
     rules: &Rules,
     registry: &'r Registry,
 ) -> Option<&'r Device> {
     let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
-    by_fp.or_else(|| {
-        if rules.policy.match_serial {
-            normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
-        } else {
-            None
-        }
-    })
+    by_fp
+        .or_else(|| {
+            rules
+                .policy
+                .match_serial
+                .then(|| {
+                    normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
+                })
+                .flatten()
+        })
+        .or_else(|| {
+            (!req.device_uid.is_empty())
+                .then(|| registry.device_by_uid(&req.device_uid))
+                .flatten()
+        })
+        .or_else(|| {
+            (!req.hostname.is_empty())
+                .then(|| registry.device_by_hostname(&req.hostname))
+                .flatten()
+        })
 }
 
 /// The device checks alone (registered, hardware address, private, status, encryption,
@@ -175,11 +200,22 @@ pub fn check_device<'r>(
     let device = find_device(req, rules, registry).ok_or_else(|| {
         deny(
             Reason::UnregisteredDevice,
-            "This device's certificate is not registered in the device inventory.",
+            if req.vpn == "radius"
+                && req.cert_sha256.is_empty()
+                && req.cert_serial.is_empty()
+                && req.device_uid.is_empty()
+                && req.hostname.is_empty()
+            {
+                "The concentrator sent no device identity, so the device cannot be checked."
+            } else {
+                "This device's certificate is not registered in the device inventory."
+            },
         )
     })?;
 
-    if !device.hwaddr.is_empty() {
+    // A path that never reports hardware addresses (RADIUS profiles other than Cisco's) does
+    // not apply the rule: there is nothing to compare.
+    if !device.hwaddr.is_empty() && !req.no_hwaddr_path {
         match HwAddr::parse(&req.hwaddr) {
             Some(hw) if device.hwaddr.contains(&hw) => {}
             Some(_) => {
@@ -275,12 +311,15 @@ fn check_standing(
 }
 
 /// The checks on the person, the device's assignment, levels and zone.
+/// `device` is `None` only where the device checks are skipped by configuration (a concentrator
+/// that sends no device identity): assignment and clearance are then not checked, the session
+/// names no device, and only the routes the user's own level permits are given.
 fn check_person(
     username: &str,
     zone_name: &str,
     rules: &Rules,
     registry: &Registry,
-    device: &Device,
+    device: Option<&Device>,
 ) -> Result<Admission, Denial> {
     let policy = &rules.policy;
     let (org_unit_name, own_level) = match registry.user(username) {
@@ -306,23 +345,8 @@ fn check_person(
         )
     })?;
 
-    let assigned = if device.users.is_empty() {
-        *device.org_unit == *org_unit.name
-    } else {
-        device.users.iter().any(|u| &**u == username)
-    };
-    if !assigned {
-        return Err(deny(
-            Reason::UserNotAssigned,
-            if device.users.is_empty() {
-                format!(
-                    "Device {} is a pool device of org unit {}, and user {username} belongs to {}.",
-                    device.id, device.org_unit, org_unit.name
-                )
-            } else {
-                format!("Device {} is not assigned to user {username}.", device.id)
-            },
-        ));
+    if let Some(device) = device {
+        check_assignment(device, username, org_unit)?;
     }
 
     let level = own_level.unwrap_or(org_unit.level);
@@ -340,7 +364,9 @@ fn check_person(
 
     let zone = rules.zones.get(zone_name);
     let needed = level.max(zone.map(|z| z.level).unwrap_or(0));
-    if device.clearance < needed {
+    if let Some(device) = device
+        && device.clearance < needed
+    {
         return Err(deny(
             Reason::DeviceClearance,
             format!(
@@ -359,8 +385,11 @@ fn check_person(
         ));
     };
 
+    // Without a device (its checks skipped by configuration), the user's own level stands in
+    // for the device's clearance.
+    let clearance = device.map_or(level, |d| d.clearance);
     Ok(Admission {
-        device_id: device.id.to_string(),
+        device_id: device.map(|d| d.id.to_string()).unwrap_or_default(),
         username: username.to_string(),
         org_unit: org_unit.name.clone(),
         level,
@@ -372,10 +401,37 @@ fn check_person(
         routes: zone
             .routes
             .iter()
-            .filter(|r| r.level <= device.clearance)
+            .filter(|r| r.level <= clearance)
             .map(|r| r.prefix)
             .collect(),
     })
+}
+
+/// A device assigned to named users serves only them; a pool device only its own org unit.
+fn check_assignment(
+    device: &Device,
+    username: &str,
+    org_unit: &crate::config::OrgUnit,
+) -> Result<(), Denial> {
+    let assigned = if device.users.is_empty() {
+        *device.org_unit == *org_unit.name
+    } else {
+        device.users.iter().any(|u| &**u == username)
+    };
+    if !assigned {
+        return Err(deny(
+            Reason::UserNotAssigned,
+            if device.users.is_empty() {
+                format!(
+                    "Device {} is a pool device of org unit {}, and user {username} belongs to {}.",
+                    device.id, device.org_unit, org_unit.name
+                )
+            } else {
+                format!("Device {} is not assigned to user {username}.", device.id)
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// Every check but capacity and the hardware address for a device named by its inventory id
@@ -395,7 +451,7 @@ pub fn evaluate_device(
         ));
     };
     check_standing(device, zone, &rules.policy, today, 0)?;
-    check_person(username, zone, rules, registry, device)
+    check_person(username, zone, rules, registry, Some(device))
 }
 
 /// A live session's device and person, as a reload re-decides them.
@@ -420,6 +476,14 @@ pub fn recheck(
     today: NaiveDate,
 ) -> Result<(), Denial> {
     let policy = &rules.policy;
+    if live.device_id.is_empty() {
+        // Admitted without device checks (a concentrator that sends no device identity, with
+        // `missing_device = "skip-device-checks"`): only the person is decided again.
+        if policy.revoke_on_reload == Revocation::BlockedOnly {
+            return Ok(());
+        }
+        return check_person(live.username, live.zone, rules, registry, None).map(|_| ());
+    }
     let Some(device) = registry.device_by_id(live.device_id) else {
         return Err(deny(
             Reason::UnregisteredDevice,
@@ -449,7 +513,7 @@ pub fn recheck(
         today,
         policy.revoke_patch_grace_days,
     )?;
-    check_person(live.username, live.zone, rules, registry, device).map(|_| ())
+    check_person(live.username, live.zone, rules, registry, Some(device)).map(|_| ())
 }
 
 /// Sessions already held, as the admission check sees them.

@@ -41,10 +41,21 @@ pub struct Listeners {
     pub tcp: Option<TcpListener>,
     /// Unix socket.
     pub unix: Option<UnixListener>,
+    /// The RADIUS front's UDP sockets.
+    pub radius: Option<vpn::radius::server::Sockets>,
 }
 
 /// Binds what the config asks for: removes a stale socket file first and sets the socket's
-/// mode right after binding.
+/// mode right after binding; the RADIUS sockets too, so they are bound before `/readyz`.
+pub async fn bind_all(config: &Config) -> Result<Listeners, ServeError> {
+    let mut l = bind(&config.server).await?;
+    if let Some(r) = &config.radius {
+        l.radius = Some(vpn::radius::server::bind(r)?);
+    }
+    Ok(l)
+}
+
+/// Binds the API's listeners.
 pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServeError> {
     let unix = match &server.socket {
         Some(path) => Some(net::bind_unix(path, server.socket_mode)?),
@@ -54,7 +65,11 @@ pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServeError> {
         Some(addr) => Some(net::bind_tcp(addr)?),
         None => None,
     };
-    Ok(Listeners { tcp, unix })
+    Ok(Listeners {
+        tcp,
+        unix,
+        radius: None,
+    })
 }
 
 /// How the caller steers a running daemon.
@@ -170,7 +185,13 @@ pub async fn run(
         config.registry.watch_interval,
         control.shutdown.clone(),
     ));
-    vpn::spawn_all(&config, app.clone(), &mut tasks, &control.shutdown);
+    vpn::spawn_all(
+        &config,
+        listeners.radius,
+        app.clone(),
+        &mut tasks,
+        &control.shutdown,
+    );
     tasks.spawn(watchdog(control.shutdown.clone()));
     if let Some(pg) = sessions.store().cluster() {
         tasks.spawn(crate::cluster::run(

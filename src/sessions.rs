@@ -2,12 +2,14 @@
 //! ends, byte counters, address pools; every change persisted through the store before it is
 //! acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
 use tokio::sync::broadcast;
+
+mod pool;
 
 use crate::config::{Capacity, DuplicateDevice, FailMode};
 use crate::metrics::Metrics;
@@ -15,6 +17,7 @@ use crate::policy::{Admission, Occupancy, check_capacity};
 use crate::session::{KillRequest, Selector, Session};
 use crate::store::{StoreHandle, StoreOp};
 use crate::wire::{ConnectRequest, Denial, Reason};
+use pool::Pool;
 
 type Key = (String, String, String);
 
@@ -27,78 +30,6 @@ struct Table {
     per_user: HashMap<String, u32>,
     per_org_unit: HashMap<String, u32>,
     pools: HashMap<String, Pool>,
-}
-
-/// Addresses of a zone's pool, handed out lowest-free-after-cursor.
-#[derive(Debug)]
-struct Pool {
-    net: IpNet,
-    /// The tunnel network the pool lies in.
-    network: IpNet,
-    used: HashSet<IpAddr>,
-    cursor: u128,
-}
-
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => u128::from(v6),
-    }
-}
-
-fn from_u128(net: &IpNet, n: u128) -> Option<IpAddr> {
-    match net {
-        IpNet::V4(_) => u32::try_from(n).ok().map(|v| IpAddr::V4(v.into())),
-        IpNet::V6(_) => Some(IpAddr::V6(n.into())),
-    }
-}
-
-impl Pool {
-    fn new(net: IpNet, network: IpNet) -> Pool {
-        Pool {
-            net,
-            network,
-            used: HashSet::new(),
-            cursor: 0,
-        }
-    }
-
-    /// Usable addresses, `lo..hi`: the pool's, less the tunnel network's own address, its
-    /// first host (the VPN server's tunnel address, the clients' gateway) and its last (the
-    /// broadcast address, for IPv4). The pool may be any part of the tunnel network.
-    fn range(&self) -> (u128, u128) {
-        let span = |n: &IpNet| {
-            let base = to_u128(n.network());
-            (
-                base,
-                base + (1u128 << (n.max_prefix_len() - n.prefix_len()).min(64)),
-            )
-        };
-        let (pool_lo, pool_hi) = span(&self.net);
-        let (net_lo, net_hi) = span(&self.network);
-        let lo = pool_lo.max(net_lo + 2);
-        let hi = pool_hi.min(net_hi - 1);
-        (lo, hi.max(lo))
-    }
-
-    fn allocate(&mut self) -> Option<IpAddr> {
-        let (lo, hi) = self.range();
-        let span = hi - lo;
-        if span == 0 {
-            return None;
-        }
-        // Bounded scan: at most one pass over the pool.
-        for step in 0..span.min(1 << 20) {
-            let n = lo + (self.cursor + step) % span;
-            let ip = from_u128(&self.net, n)?;
-            if !self.used.contains(&ip) {
-                self.used.insert(ip);
-                self.cursor = (n - lo + 1) % span;
-                return Some(ip);
-            }
-        }
-        None
-    }
 }
 
 /// The session table. Shared behind an `Arc`.
@@ -308,7 +239,9 @@ impl Sessions {
                     None => None,
                 }
             };
-            let others: Vec<Session> = match remote_ip(&req.remote_addr) {
+            // A session admitted without device checks names no device: nothing to compare.
+            let ip = remote_ip(&req.remote_addr).filter(|_| !adm.device_id.is_empty());
+            let others: Vec<Session> = match ip {
                 None => Vec::new(),
                 Some(ip) => t
                     .by_device
@@ -738,46 +671,5 @@ fn decrement(map: &mut HashMap<String, u32>, key: &str) {
         if *n == 0 {
             map.remove(key);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_skips_network_server_and_broadcast() {
-        let net: IpNet = "10.80.0.0/29".parse().unwrap();
-        let mut p = Pool::new(net, net);
-        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
-        let want: Vec<IpAddr> = (2..=6)
-            .map(|i| format!("10.80.0.{i}").parse().unwrap())
-            .collect();
-        assert_eq!(got, want);
-        p.used.remove(&"10.80.0.4".parse::<IpAddr>().unwrap());
-        assert_eq!(p.allocate(), Some("10.80.0.4".parse().unwrap()));
-        assert_eq!(p.allocate(), None);
-    }
-
-    #[test]
-    fn a_pool_inside_a_larger_tunnel_network_uses_all_of_its_hosts() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // OpenVPN `server 10.9.0.0 255.255.255.0` with pforte's pool in the upper half: every
-        // address of the /25 is a host of the /24 but its broadcast 10.9.0.255.
-        let mut p = Pool::new(
-            "10.9.0.128/25".parse().unwrap(),
-            "10.9.0.0/24".parse().unwrap(),
-        );
-        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
-        assert_eq!(got.len(), 127);
-        assert_eq!((got[0], got[126]), (ip("10.9.0.128"), ip("10.9.0.254")));
-        // In the lower half the gateway and the network address are never handed out.
-        let mut p = Pool::new(
-            "10.9.0.0/28".parse().unwrap(),
-            "10.9.0.0/24".parse().unwrap(),
-        );
-        let got: Vec<IpAddr> = std::iter::from_fn(|| p.allocate()).collect();
-        assert_eq!(got.len(), 14);
-        assert_eq!((got[0], got[13]), (ip("10.9.0.2"), ip("10.9.0.15")));
     }
 }

@@ -48,11 +48,13 @@ pub enum Reason {
     /// The device holds a live session from another real address (`policy.duplicate_device =
     /// "refuse"`).
     DuplicateDevice,
+    /// No upstream credential server answered a RADIUS login (RADIUS front with upstreams).
+    UpstreamUnavailable,
 }
 
 impl Reason {
     /// Every reason, in the order the checks run.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::BadRequest,
         Reason::UnregisteredDevice,
         Reason::DeviceMismatch,
@@ -70,6 +72,7 @@ impl Reason {
         Reason::UserSessionLimit,
         Reason::StoreUnavailable,
         Reason::DuplicateDevice,
+        Reason::UpstreamUnavailable,
     ];
 
     /// The stable code.
@@ -92,6 +95,7 @@ impl Reason {
             Reason::UserSessionLimit => "user_session_limit",
             Reason::StoreUnavailable => "store_unavailable",
             Reason::DuplicateDevice => "duplicate_device",
+            Reason::UpstreamUnavailable => "upstream_unavailable",
         }
     }
 }
@@ -112,7 +116,7 @@ pub struct Denial {
 }
 
 /// The VPN kinds pforte knows.
-pub const VPN_KINDS: [&str; 4] = ["openvpn", "strongswan", "ocserv", "other"];
+pub const VPN_KINDS: [&str; 5] = ["openvpn", "strongswan", "ocserv", "radius", "other"];
 
 /// Longest accepted value of any request field.
 pub const MAX_FIELD_LEN: usize = 1024;
@@ -121,7 +125,7 @@ pub const MAX_FIELD_LEN: usize = 1024;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct ConnectRequest {
-    /// openvpn | strongswan | ocserv | other.
+    /// openvpn | strongswan | ocserv | radius | other.
     pub vpn: String,
     /// VPN server instance.
     pub instance: String,
@@ -145,6 +149,19 @@ pub struct ConnectRequest {
     pub tunnel_ip: String,
     /// The VPN's own key for the session.
     pub session_key: String,
+    /// A stable device id the concentrator reports (Cisco ACIDex `device-uid`).
+    pub device_uid: String,
+    /// The device's host name as the concentrator reports it (Palo Alto).
+    pub hostname: String,
+    /// Set by integrations whose requests never carry a hardware address (RADIUS profiles
+    /// other than Cisco's): the hardware-address rule does not apply. Not read from JSON.
+    #[serde(skip)]
+    pub no_hwaddr_path: bool,
+    /// Set by an integration configured to skip the device checks when a request carries no
+    /// device identity at all (RADIUS `missing_device = "skip-device-checks"`). Not read
+    /// from JSON.
+    #[serde(skip)]
+    pub skip_device_checks: bool,
 }
 
 impl ConnectRequest {

@@ -7,7 +7,9 @@
 //! `regressions/radius_packet/` through it), so a saved input replays through the very code the
 //! fuzzer ran. Only `std` and `pforte` are used.
 
-use pforte::vpn::radius::{Code, Packet, Secret, attr, auth};
+use pforte::config::{DeviceAttribute, MissingDevice, RadiusClient, SecretValue, Vendor};
+use pforte::vpn::radius::clients::Nas;
+use pforte::vpn::radius::{Code, Packet, Secret, attr, auth, profile, upstream};
 
 /// Panics when an invariant breaks: no panic inside the codec; a packet that decodes encodes
 /// to the same octets (up to its Length field) and decodes to itself again; whatever
@@ -46,6 +48,43 @@ pub fn radius_packet(data: &[u8]) {
     let Ok(secret) = Secret::new(&b"fuzz-secret"[..]) else {
         return;
     };
+
+    // Every vendor profile reads any packet into a connect request the policy can check.
+    for (vendor, device_attribute) in [
+        (Vendor::Cisco, None),
+        (Vendor::PaloAlto, None),
+        (Vendor::Fortinet, Some(DeviceAttribute::Vendor(12356, 1))),
+        (Vendor::Generic, Some(DeviceAttribute::AvPair("x".into()))),
+    ] {
+        let Some(value) = SecretValue::new(&b"fuzz-secret"[..]) else {
+            return;
+        };
+        let nas = Nas {
+            config: RadiusClient {
+                name: "nas".into(),
+                prefix: "127.0.0.1/32".parse().expect("a prefix"),
+                secret: value,
+                vendor,
+                zone: "office".into(),
+                dae_port: 0,
+                dae_address: None,
+                device_attribute,
+                require_message_authenticator: true,
+            },
+            secret: secret.clone(),
+        };
+        for missing in [MissingDevice::Refuse, MissingDevice::SkipDeviceChecks] {
+            let req = profile::connect_request(&nas, &packet, missing, "k".into());
+            assert_eq!(req.vpn, "radius");
+            let _ = pforte::policy::validate_request(&req);
+        }
+    }
+    // MPPE re-encryption (upstream answers) takes any attributes.
+    let _ = upstream::reencrypt_mppe(
+        packet.attributes.clone(),
+        (&secret, &packet.authenticator),
+        (&secret, &[7; 16]),
+    );
     if let Some(hidden) = packet.get(attr::USER_PASSWORD)
         && let Ok(clear) = auth::unhide_password(hidden, &packet.authenticator, &secret)
     {

@@ -9,10 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+mod radius;
 mod raw;
 mod store;
 mod validate;
 
+#[cfg(test)]
+pub use radius::test_secret_value;
+pub use radius::{
+    DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
+};
 use raw::RawConfig;
 pub use store::{Backend, PostgresConfig};
 use validate::validate;
@@ -48,6 +54,8 @@ pub struct Config {
     pub openvpn: Vec<OpenvpnInstance>,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The RADIUS front (`[radius]`), if configured.
+    pub radius: Option<RadiusConfig>,
 }
 
 /// Listeners and API access.

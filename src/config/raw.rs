@@ -31,6 +31,7 @@ pub(super) struct RawConfig {
     pub(super) openvpn: Vec<RawOpenvpn>,
     #[serde(default)]
     pub(super) audit: RawAudit,
+    pub(super) radius: Option<super::radius::RawRadius>,
 }
 
 #[derive(Debug, Default, Deserialize)]

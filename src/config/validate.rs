@@ -75,6 +75,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
     )?;
     let links = validate_links(raw.links)?;
     let openvpn = validate_openvpn(raw.openvpn, &rules)?;
+    let radius = super::radius::validate_radius(raw.radius, &rules)?;
     let audit = AuditConfig {
         path: raw.audit.path.map(PathBuf::from),
         pseudonymise_key_file: raw.audit.pseudonymise_key_file.map(PathBuf::from),
@@ -96,6 +97,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
         links,
         openvpn,
         audit,
+        radius,
     })
 }
 

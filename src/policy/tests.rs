@@ -99,6 +99,8 @@ fn good_device(n: u8) -> Device {
         cert_serial: vec![format!("{n}").into()].into(),
         hwaddr: vec![HwAddr::parse(HW).unwrap()].into(),
         users: vec!["alice".into()].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
     }
 }
 
@@ -306,6 +308,8 @@ fn patch_overdue() {
 fn unknown_user_and_default_org_unit() {
     let dev = Device {
         users: vec![].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -332,6 +336,8 @@ fn user_not_assigned() {
     // A pool device serves its own org unit only.
     let pool = Device {
         users: vec![].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -346,6 +352,8 @@ fn remote_work_not_permitted() {
     let dev = Device {
         org_unit: "social".into(),
         users: vec![].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
         clearance: 2,
         ..good_device(1)
     };
@@ -357,6 +365,8 @@ fn remote_work_not_permitted() {
     // The user's own level overrides the org unit's.
     let dev = Device {
         users: vec!["dave".into()].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
         clearance: 2,
         ..good_device(1)
     };
@@ -373,6 +383,8 @@ fn device_clearance() {
     let dev = Device {
         org_unit: "health".into(),
         users: vec!["carol".into()].into(),
+        device_uid: vec![].into(),
+        hostname: vec![].into(),
         ..good_device(1)
     };
     let req = ConnectRequest {
@@ -512,6 +524,8 @@ prop_compose! {
             clearance,
             org_unit: ou.into(),
             users: if pool { vec![].into() } else { vec!["alice".into(), "bob".into(), "carol".into()].into() },
+            device_uid: vec![].into(),
+            hostname: vec![].into(),
             hwaddr: if hw { vec![HwAddr::parse(HW).unwrap()].into() } else { vec![].into() },
             ..good_device(1)
         }
@@ -570,4 +584,172 @@ proptest! {
             prop_assert!(dev.clearance >= adm.level);
         }
     }
+}
+
+fn radius_device() -> Device {
+    Device {
+        cert_sha256: vec![].into(),
+        cert_serial: vec![].into(),
+        device_uid: vec!["5e3a9b0c71d2".into()].into(),
+        hostname: vec!["nb-it-0001".into()].into(),
+        ..good_device(9)
+    }
+}
+
+fn radius_request() -> ConnectRequest {
+    ConnectRequest {
+        vpn: "radius".into(),
+        instance: "asa-1".into(),
+        cert_sha256: String::new(),
+        hwaddr: String::new(),
+        ..request(9)
+    }
+}
+
+#[test]
+fn a_radius_device_is_found_by_uid_then_hostname_any_case() {
+    let by_uid = ConnectRequest {
+        device_uid: "5E3A9B0C71D2".into(),
+        hwaddr: "AA-BB-CC-00-00-01".into(),
+        ..radius_request()
+    };
+    assert_eq!(
+        reason_of(radius_device(), by_uid).unwrap().device_id,
+        "dev-9"
+    );
+    let by_host = ConnectRequest {
+        hostname: "NB-IT-0001".into(),
+        no_hwaddr_path: true,
+        ..radius_request()
+    };
+    assert_eq!(
+        reason_of(radius_device(), by_host).unwrap().device_id,
+        "dev-9"
+    );
+    let unknown = ConnectRequest {
+        hostname: "nb-it-0002".into(),
+        no_hwaddr_path: true,
+        ..radius_request()
+    };
+    assert_eq!(
+        reason_of(radius_device(), unknown),
+        Err(Reason::UnregisteredDevice)
+    );
+}
+
+#[test]
+fn the_hardware_address_rule_applies_only_where_the_path_reports_one() {
+    // Cisco reports device-mac: a wrong or missing one is a mismatch.
+    let wrong = ConnectRequest {
+        device_uid: "5e3a9b0c71d2".into(),
+        hwaddr: "aa-bb-cc-00-00-02".into(),
+        ..radius_request()
+    };
+    assert_eq!(
+        reason_of(radius_device(), wrong.clone()),
+        Err(Reason::DeviceMismatch)
+    );
+    let missing = ConnectRequest {
+        hwaddr: String::new(),
+        ..wrong.clone()
+    };
+    assert_eq!(
+        reason_of(radius_device(), missing),
+        Err(Reason::DeviceMismatch)
+    );
+    // Palo Alto, Fortinet, generic: nothing to compare, the rule is not applied.
+    let none = ConnectRequest {
+        hwaddr: String::new(),
+        no_hwaddr_path: true,
+        ..wrong
+    };
+    assert!(reason_of(radius_device(), none).is_ok());
+}
+
+#[test]
+fn a_radius_request_without_device_identity_is_refused_or_skipped_as_configured() {
+    let bare = ConnectRequest {
+        no_hwaddr_path: true,
+        ..radius_request()
+    };
+    assert_eq!(
+        reason_of(radius_device(), bare.clone()),
+        Err(Reason::UnregisteredDevice)
+    );
+    let skipped = ConnectRequest {
+        skip_device_checks: true,
+        ..bare
+    };
+    let adm = reason_of(radius_device(), skipped.clone()).unwrap();
+    assert_eq!(adm.device_id, "");
+    assert_eq!(adm.routes, vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+    // The person checks still run.
+    let bob = ConnectRequest {
+        username: "bob".into(),
+        ..skipped
+    };
+    assert_eq!(
+        reason_of(radius_device(), bob),
+        Err(Reason::RemoteWorkNotPermitted)
+    );
+    // Other VPN kinds still need a certificate.
+    let openvpn = ConnectRequest {
+        vpn: "openvpn".into(),
+        ..radius_request()
+    };
+    assert_eq!(reason_of(radius_device(), openvpn), Err(Reason::BadRequest));
+}
+
+#[test]
+fn recheck_decides_live_sessions_again_with_grace_and_the_blocked_only_switch() {
+    let mut rules = rules();
+    let live = |device_id| Live {
+        device_id,
+        username: "alice",
+        zone: "office",
+    };
+    let code = |r: Result<(), Denial>| r.map_err(|d| d.reason);
+    // 35 days since the patch (2026-11-01 to 2026-12-06), 30 allowed.
+    let r = registry(vec![good_device(1)]);
+    let day = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+    assert_eq!(
+        code(recheck(live("dev-1"), &rules, &r, day)),
+        Err(Reason::PatchOverdue)
+    );
+    rules.policy.revoke_patch_grace_days = 7;
+    assert_eq!(code(recheck(live("dev-1"), &rules, &r, day)), Ok(()));
+    assert_eq!(
+        code(recheck(live("gone"), &rules, &r, day)),
+        Err(Reason::UnregisteredDevice)
+    );
+    let plain = registry(vec![Device {
+        disk_encrypted: false,
+        ..good_device(1)
+    }]);
+    assert_eq!(
+        code(recheck(live("dev-1"), &rules, &plain, day)),
+        Err(Reason::NotEncrypted)
+    );
+    rules.policy.revoke_on_reload = Revocation::BlockedOnly;
+    assert_eq!(code(recheck(live("dev-1"), &rules, &plain, day)), Ok(()));
+    let lost = registry(vec![Device {
+        status: Status::Lost,
+        ..good_device(1)
+    }]);
+    assert_eq!(
+        code(recheck(live("dev-1"), &rules, &lost, day)),
+        Err(Reason::DeviceBlocked)
+    );
+    // A session admitted without device checks is decided on the person alone.
+    rules.policy.revoke_on_reload = Revocation::AllChecks;
+    assert_eq!(code(recheck(live(""), &rules, &r, day)), Ok(()));
+    let nobody = Live {
+        device_id: "",
+        username: "zed",
+        zone: "office",
+    };
+    assert_eq!(
+        code(recheck(nobody, &rules, &r, day)),
+        Err(Reason::UnknownUser)
+    );
 }

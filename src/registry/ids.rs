@@ -90,6 +90,11 @@ impl std::fmt::Display for HwAddr {
     }
 }
 
+/// A device uid or host name as the registry keeps it: trimmed, lower case.
+pub fn normalize_name(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
 /// Parses a SHA-256 fingerprint: 64 hex digits, with or without colons, any case.
 pub fn parse_sha256(s: &str) -> Option<[u8; 32]> {
     let s = s.trim();

@@ -15,7 +15,7 @@ use crate::config::Rules;
 mod ids;
 mod rows;
 
-pub use ids::{HwAddr, Ownership, Status, normalize_serial, parse_sha256};
+pub use ids::{HwAddr, Ownership, Status, normalize_name, normalize_serial, parse_sha256};
 use rows::*;
 pub use rows::{DEVICE_COLUMNS, parse_csv_rows, parse_device, parse_json_rows, parse_user};
 
@@ -67,6 +67,10 @@ pub struct Device {
     pub hwaddr: Box<[HwAddr]>,
     /// Assigned users (empty: a pool device for its org unit).
     pub users: Box<[Box<str>]>,
+    /// Stable ids a concentrator reports (Cisco ACIDex `device-uid`), lower case.
+    pub device_uid: Box<[Box<str>]>,
+    /// Host names (Palo Alto `PaloAlto-Client-Hostname`), lower case.
+    pub hostname: Box<[Box<str>]>,
 }
 
 /// A user of the user list.
@@ -139,6 +143,8 @@ pub struct Registry {
     by_serial: Index,
     by_hwaddr: Index,
     by_id: Index,
+    by_uid: Index,
+    by_hostname: Index,
     users: HashMap<String, User>,
 }
 
@@ -275,6 +281,30 @@ impl Registry {
                 ));
             }
         }
+        for u in d.device_uid.iter() {
+            let h = self.hasher.hash_one(&**u);
+            if !self
+                .by_uid
+                .claim(h, idx, &self.devices, |x| x.device_uid.contains(u))
+            {
+                return Err(format!(
+                    "device `{}`: device_uid {u} is already registered to another device",
+                    d.id
+                ));
+            }
+        }
+        for n in d.hostname.iter() {
+            let h = self.hasher.hash_one(&**n);
+            if !self
+                .by_hostname
+                .claim(h, idx, &self.devices, |x| x.hostname.contains(n))
+            {
+                return Err(format!(
+                    "device `{}`: hostname {n} is already registered to another device",
+                    d.id
+                ));
+            }
+        }
         for hw in d.hwaddr.iter() {
             // A shared address (docking stations) is not an error; the first device keeps it.
             let h = self.hasher.hash_one(hw);
@@ -320,6 +350,28 @@ impl Registry {
             self.devices
                 .get(i as usize)
                 .is_some_and(|x| x.hwaddr.contains(hw))
+        });
+        self.at(idx)
+    }
+
+    /// The device with this concentrator-reported id (any case).
+    pub fn device_by_uid(&self, uid: &str) -> Option<&Device> {
+        let uid = normalize_name(uid);
+        let idx = self.by_uid.find(self.hash(uid.as_str()), |i| {
+            self.devices
+                .get(i as usize)
+                .is_some_and(|x| x.device_uid.iter().any(|u| **u == *uid))
+        });
+        self.at(idx)
+    }
+
+    /// The device with this host name (any case).
+    pub fn device_by_hostname(&self, name: &str) -> Option<&Device> {
+        let name = normalize_name(name);
+        let idx = self.by_hostname.find(self.hash(name.as_str()), |i| {
+            self.devices
+                .get(i as usize)
+                .is_some_and(|x| x.hostname.iter().any(|u| **u == *name))
         });
         self.at(idx)
     }
@@ -408,5 +460,82 @@ mod tests {
         let csv = b"a,b\n1,2\n3\n";
         let e = parse_csv_rows(csv).unwrap_err();
         assert_eq!(e.0, 3, "{e:?}");
+    }
+
+    #[test]
+    fn device_uid_and_hostname_columns_are_optional_and_indexed() {
+        use std::collections::{BTreeMap, HashMap};
+        let rules = crate::config::Rules {
+            policy: crate::config::PolicyConfig {
+                require_disk_encryption: true,
+                max_patch_age_days: 30,
+                remote_max_level: 1,
+                private_devices: crate::config::PrivateDevices::Refuse,
+                mail_zone: "mail".into(),
+                default_org_unit: None,
+                require_hwaddr: true,
+                match_serial: false,
+                revoke_on_reload: crate::config::Revocation::AllChecks,
+                revoke_patch_grace_days: 0,
+                duplicate_device: crate::config::DuplicateDevice::Replace,
+            },
+            levels: BTreeMap::new(),
+            capacity: crate::config::Capacity {
+                max_sessions: 1,
+                reserved_seats: 0,
+                max_sessions_per_user: 1,
+            },
+            org_units: HashMap::from([(
+                "it".to_string(),
+                crate::config::OrgUnit {
+                    name: "it".into(),
+                    level: 1,
+                    quota: 0,
+                    priority: false,
+                    remote_exception: false,
+                },
+            )]),
+            zones: HashMap::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let head =
+            "device_id,ownership,status,org_unit,clearance,disk_encrypted,patched_on,cert_sha256";
+        let old = dir.path().join("old.csv");
+        std::fs::write(
+            &old,
+            format!(
+                "{head}\nd1,service,active,it,1,true,2026-11-01,{}\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        let r = Registry::load(&old, None, &rules).unwrap();
+        assert!(r.device_by_uid("x").is_none());
+        let new = dir.path().join("new.csv");
+        std::fs::write(
+            &new,
+            format!("{head},device_uid,hostname\nd1,service,active,it,1,true,2026-11-01,,UID-1;uid-2,NB-1\nd2,service,active,it,1,true,2026-11-01,{},,\n", "cd".repeat(32)),
+        )
+        .unwrap();
+        let r = Registry::load(&new, None, &rules).unwrap();
+        assert_eq!(&*r.device_by_uid("uid-1").unwrap().id, "d1");
+        assert_eq!(&*r.device_by_uid("UID-2").unwrap().id, "d1");
+        assert_eq!(&*r.device_by_hostname("nb-1").unwrap().id, "d1");
+        assert!(r.device_by_hostname("nb-2").is_none());
+        let json = dir.path().join("d.json");
+        std::fs::write(&json, r#"[{"device_id":"j1","ownership":"service","status":"active","org_unit":"it","clearance":1,"disk_encrypted":true,"patched_on":"2026-11-01","cert_sha256":"","device_uid":"J-UID","hostname":["h1","h2"]}]"#).unwrap();
+        let r = Registry::load(&json, None, &rules).unwrap();
+        assert_eq!(&*r.device_by_hostname("H2").unwrap().id, "j1");
+        let dup = dir.path().join("dup.csv");
+        std::fs::write(&dup, format!("{head},device_uid\nd1,service,active,it,1,true,2026-11-01,,u\nd2,service,active,it,1,true,2026-11-01,,U\n")).unwrap();
+        let e = Registry::load(&dup, None, &rules).unwrap_err().to_string();
+        assert!(e.contains("device_uid"), "{e}");
+        let none = dir.path().join("none.csv");
+        std::fs::write(
+            &none,
+            format!("{head}\nd1,service,active,it,1,true,2026-11-01,\n"),
+        )
+        .unwrap();
+        assert!(Registry::load(&none, None, &rules).is_err());
     }
 }

@@ -186,7 +186,7 @@ pub(super) fn parse_date(s: &str) -> Option<NaiveDate> {
 }
 
 /// The device registry's columns (the file's contract).
-pub const DEVICE_COLUMNS: [&str; 11] = [
+pub const DEVICE_COLUMNS: [&str; 13] = [
     "device_id",
     "ownership",
     "status",
@@ -198,10 +198,12 @@ pub const DEVICE_COLUMNS: [&str; 11] = [
     "cert_serial",
     "hwaddr",
     "users",
+    "device_uid",
+    "hostname",
 ];
 
 /// Positions of the device columns in a CSV header, found once per file.
-pub(super) struct DeviceColumns([Option<usize>; 11]);
+pub(super) struct DeviceColumns([Option<usize>; 13]);
 
 impl DeviceColumns {
     pub(super) fn new(columns: &HashMap<String, usize>) -> DeviceColumns {
@@ -296,9 +298,28 @@ pub(super) fn parse_device_with<'a>(
                 .into_boxed_str(),
         );
     }
-    if cert_sha256.is_empty() && cert_serial.is_empty() {
+    let device_uid: Box<[Box<str>]> = list(optional("device_uid"))
+        .map(|u| normalize_name(u).into_boxed_str())
+        .collect();
+    let hostname: Box<[Box<str>]> = list(optional("hostname"))
+        .map(|h| normalize_name(h).into_boxed_str())
+        .collect();
+    if let Some(long) = device_uid
+        .iter()
+        .chain(hostname.iter())
+        .find(|v| v.len() > 253)
+    {
         return Err(format!(
-            "device `{id}` has neither cert_sha256 nor cert_serial"
+            "device `{id}`: `{long}` is longer than 253 characters"
+        ));
+    }
+    if cert_sha256.is_empty()
+        && cert_serial.is_empty()
+        && device_uid.is_empty()
+        && hostname.is_empty()
+    {
+        return Err(format!(
+            "device `{id}` has neither cert_sha256, cert_serial, device_uid nor hostname"
         ));
     }
     let mut hwaddr = Vec::new();
@@ -322,6 +343,8 @@ pub(super) fn parse_device_with<'a>(
         cert_serial: cert_serial.into_boxed_slice(),
         hwaddr: hwaddr.into_boxed_slice(),
         users,
+        device_uid,
+        hostname,
     })
 }
 

@@ -614,10 +614,14 @@ impl PgWriter {
             return true;
         }
         let batch = Value::Object(batch);
+        let started = Instant::now();
         let result = self
             .conn
             .json("SELECT pforte_apply($1)", &[(&batch, Type::JSONB)])
             .await;
+        self.metrics
+            .store_commit_duration
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(v) => {
                 self.metrics.store_healthy.set(1);

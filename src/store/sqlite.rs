@@ -23,6 +23,9 @@ pub(crate) const SHORT_BUSY_WAIT: fn(i32) -> bool = |attempt| {
     true
 };
 
+/// The writer connection's page cache, in KiB (as a negative `cache_size`).
+const WRITER_CACHE_KIB: i64 = -131_072;
+
 /// SQLite in WAL mode.
 pub struct SqliteStore {
     conn: Connection,
@@ -53,6 +56,12 @@ impl SqliteStore {
         let mut conn = Connection::open(path)?;
         conn.busy_handler(Some(SHORT_BUSY_WAIT))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // The writer's own page cache, in pforte's memory: the session table and its indexes
+        // of a large storm (100,000 sessions: ~40 MiB) stay there, so a commit never reads its
+        // pages back from disk when the machine has reclaimed the file cache (SQLite's default
+        // of 2 MiB made commits take 20-50 ms then; docs/BENCHMARKS.md, "Commit stalls").
+        // Pages are allocated only as they are used.
+        conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
         conn.pragma_update(
             None,
             "synchronous",

@@ -95,6 +95,9 @@ impl StoreWriter {
     }
 }
 
+/// A commit that takes longer is logged (a held-back writer, a slow disk).
+const SLOW_COMMIT: Duration = Duration::from_millis(20);
+
 /// Most changes one transaction takes.
 const MAX_BATCH: usize = 4096;
 
@@ -308,7 +311,13 @@ impl Shared {
             }
             return true;
         }
+        let started = Instant::now();
         let applied = w.store.apply(&ops);
+        let took = started.elapsed();
+        metrics.store_commit_duration.observe(took.as_secs_f64());
+        if took > SLOW_COMMIT {
+            tracing::warn!(?took, changes = ops.len(), "slow session store commit");
+        }
         self.last_commit.store(self.now_ns(), Ordering::Relaxed);
         match applied {
             Ok(()) => {

@@ -22,6 +22,8 @@ mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
+mod radius_front;
+mod radius_upstream;
 mod revocation;
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +45,8 @@ fn main() -> std::process::ExitCode {
         openvpn_mgmt_e2e::tests(),
         ops::tests(),
         radius_codec::tests(),
+        radius_front::tests(),
+        radius_upstream::tests(),
         revocation::tests(),
     ];
     common::harness::main(cases.into_iter().flatten().collect())

@@ -587,7 +587,7 @@ async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
     let started = Instant::now();
     // Dropped last (locals drop in reverse order): the processes are killed before their files go.
     let work = tempfile::tempdir().unwrap();
-    let fixture = Fixture::new(
+    let mut fixture = Fixture::new(
         Setup {
             max_sessions: 3,
             reserved_seats: 0,
@@ -598,6 +598,22 @@ async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
         },
         &devices(),
     );
+    // A RADIUS front with a client and an upstream, so its panels have series (at zero).
+    // The upstream is a responder of the test's own that accepts everything, so one request
+    // gives the round-trip panel a real observation.
+    let secret = fixture.path("radius.secret");
+    std::fs::write(&secret, "s").unwrap();
+    let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    let auth_port = crate::radius_front::free_udp_port();
+    fixture.setup.extra.push_str(&format!(
+        "\n[radius]\nauth_listen = \"127.0.0.1:{auth_port}\"\nacct_listen = \"127.0.0.1:0\"\n[[radius.clients]]\nname = \"nas\"\naddress = \"127.0.0.1\"\nsecret_file = \"{s}\"\nzone = \"office\"\n[[radius.upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{up_port}\"\nsecret_file = \"{s}\"\n",
+        s = secret.display()
+    ));
+    fixture.write_config();
     let daemon = fixture.start();
 
     let webhook = Webhook::start();
@@ -723,6 +739,30 @@ async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
         prometheus.log(),
         alertmanager.log(),
     );
+
+    // One RADIUS request through the upstream, after Prometheus has scraped (a rate needs two
+    // samples).
+    {
+        use pforte::vpn::radius::{Code, Packet, Secret, attr, auth};
+        let key = Secret::new("s").unwrap();
+        let nas = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        nas.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = Packet::new(Code::AccessRequest, 1, [9; 16]);
+        req.add(attr::USER_NAME, "alice").unwrap();
+        let wire = auth::finalize_request(&mut req, &key).unwrap();
+        nas.send_to(&wire, ("127.0.0.1", auth_port)).unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, from) = upstream.recv_from(&mut buf).unwrap();
+        let fwd = Packet::decode(&buf[..n]).unwrap();
+        let mut ok = Packet::response_to(&fwd, Code::AccessAccept);
+        for ps in fwd.get_all(attr::PROXY_STATE) {
+            ok.add(attr::PROXY_STATE, ps.to_vec()).unwrap();
+        }
+        let answer = auth::finalize_response(&mut ok, &fwd.authenticator, &key).unwrap();
+        upstream.send_to(&answer, from).unwrap();
+        // pforte's answer to the NAS (a Reject: the request names no device).
+        nas.recv_from(&mut buf).unwrap();
+    }
 
     // A few scrapes of the traffic, then every rule has been evaluated on it.
     let scrapes = query_value(

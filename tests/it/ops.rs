@@ -23,13 +23,24 @@ use crate::common::harness::{Case, Need, trial};
 fn exported_metrics() -> &'static Vec<String> {
     static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     NAMES.get_or_init(|| {
-        let f = crate::common::Fixture::new(
+        let mut f = crate::common::Fixture::new(
             crate::common::Setup {
                 extra: "[[links]]\nname = \"lo\"\ninterface = \"lo\"\nspeed_bits_per_second = 1000\n\n[[openvpn]]\ninstance = \"x\"\nzone = \"office\"\nmanagement = \"/nonexistent/mgmt.sock\"\n".into(),
                 ..Default::default()
             },
             &[crate::common::Dev::good("D-1", "alice")],
         );
+        // The RADIUS front's series exist once it has a client and an upstream.
+        let secret = f.path("radius.secret");
+        std::fs::write(&secret, "s").unwrap();
+        let udp = || crate::radius_front::free_udp_port();
+        f.setup.extra.push_str(&format!(
+            "\n[radius]\nauth_listen = \"127.0.0.1:{}\"\nacct_listen = \"127.0.0.1:{}\"\n[[radius.clients]]\nname = \"nas\"\naddress = \"192.0.2.1\"\nsecret_file = \"{s}\"\nzone = \"office\"\n[[radius.upstreams]]\nname = \"up\"\naddress = \"192.0.2.2:1812\"\nsecret_file = \"{s}\"\n",
+            udp(),
+            udp(),
+            s = secret.display()
+        ));
+        f.write_config();
         let d = f.start();
         crate::common::wait_for("link metrics", std::time::Duration::from_secs(10), || {
             d.metrics().contains("pforte_link_up")
@@ -63,6 +74,9 @@ const ALERTS: &[&str] = &[
     "PforteSlowDecisions",
     "PforteSeatsForecastSaturation",
     "PforteLinkForecastSaturation",
+    "PforteRadiusUpstreamTimeouts",
+    "PforteRadiusUpstreamDown",
+    "PforteRadiusAccountingSilent",
 ];
 
 const RULES: &str = "pforte.rules.yml";
