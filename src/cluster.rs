@@ -4,7 +4,7 @@
 //! reloads, and keeps the cluster's metrics.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -24,12 +24,16 @@ pub async fn run(app: Arc<App>, pg: PgHandle, mut shutdown: watch::Receiver<bool
     let mut beats = tokio::time::interval(beat);
     beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published = Some(limits_of(&app.state.current().rules));
-    let mut lease_ok = true;
+    // Since when this node has renewed its lease without a miss (None: its last renewal
+    // failed). It ends other nodes' sessions only after a whole lease of renewals: after an
+    // outage of the database every lease looks lapsed, and the live nodes must first have had
+    // the time to renew theirs.
+    let mut renewing_since = Some(Instant::now());
     loop {
         tokio::select! {
             _ = kills.tick() => take_kills(&app, &pg).await,
             _ = beats.tick() => {
-                lease_ok = heartbeat(&app, &pg, &mut published, lease_ok).await;
+                heartbeat(&app, &pg, &mut published, &mut renewing_since).await;
             }
             _ = shutdown.changed() => return,
         }
@@ -49,25 +53,31 @@ async fn take_kills(app: &App, pg: &PgHandle) {
     }
 }
 
-/// Renews the lease, expires lapsed nodes, publishes changed limits, refreshes the metrics.
-/// Returns whether the lease was renewed.
+/// Renews the lease, expires lapsed nodes (once this node has renewed its own for a whole
+/// lease), publishes changed limits, refreshes the metrics.
 async fn heartbeat(
     app: &App,
     pg: &PgHandle,
     published: &mut Option<serde_json::Value>,
-    was_ok: bool,
-) -> bool {
+    renewing_since: &mut Option<Instant>,
+) {
     let m = &app.metrics.cluster;
     if let Err(e) = pg.heartbeat().await {
-        if was_ok {
+        if renewing_since.take().is_some() {
             tracing::error!(error = %e, node = pg.node(), "lease not renewed");
         }
-        return false;
+        return;
     }
-    if !was_ok {
+    let since = *renewing_since.get_or_insert_with(|| {
         tracing::warn!(node = pg.node(), "lease renewed again");
-    }
-    match pg.expire().await {
+        Instant::now()
+    });
+    let expired = if since.elapsed() >= pg.lease() {
+        pg.expire().await
+    } else {
+        Ok(Vec::new())
+    };
+    match expired {
         Ok(ended) => {
             for s in ended {
                 m.sessions_expired.inc();
@@ -115,5 +125,4 @@ async fn heartbeat(
         }
         Err(e) => tracing::debug!(error = %e, "reading the cluster's status failed"),
     }
-    true
 }

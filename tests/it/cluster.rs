@@ -636,6 +636,44 @@ async fn fail_open_admits_without_the_database_and_records_later() {
     );
 }
 
+/// PostgreSQL gone for longer than the lease: every lease looks lapsed when it is back, but the
+/// live nodes renew theirs before anyone ends a session (a node expires others only after a
+/// whole lease of its own renewals), so nothing is ended.
+async fn a_database_outage_longer_than_the_lease_ends_no_live_session() {
+    let pg = Postgres::start();
+    let devices = [Dev::good("D-0", "alice"), Dev::good("D-1", "bob")];
+    let fa = node(&pg, "pforte", "gwa", 3, Setup::default(), &devices);
+    let fb = node(&pg, "pforte", "gwb", 3, Setup::default(), &devices);
+    let a = fa.start();
+    let b = fb.start();
+    for (d, dev, user) in [(&a, &devices[0], "alice"), (&b, &devices[1], "bob")] {
+        let mut c = d.client().await;
+        let (_, r) = c
+            .connect_request(&connect_req(dev, user, "k"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), "allowed");
+    }
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_server());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    // Longer than a lease after the database is back: a dead node would be expired by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        pg.psql("pforte", "SELECT count(*) FROM pforte_sessions"),
+        "2"
+    );
+    for d in [&a, &b] {
+        assert_eq!(d.metric("pforte_cluster_sessions_expired_total"), Some(0.0));
+        assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+        assert_eq!(
+            d.metric("pforte_cluster_node_lease_ok{node=\"gwa\"}"),
+            Some(1.0)
+        );
+    }
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -644,5 +682,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) postgres_stopped_and_started_during_a_storm, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) the_last_node_started_sets_the_limits_and_a_differing_node_says_so, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) fail_open_admits_without_the_database_and_records_later, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_database_outage_longer_than_the_lease_ends_no_live_session, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }
