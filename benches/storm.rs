@@ -8,6 +8,8 @@
 //! cargo bench --bench storm -- storm  --devices 1000000 --connects 100000 --concurrency 64
 //! cargo bench --bench storm -- scrape --sessions 100 --sessions-large 100000
 //! cargo bench --bench storm -- load   --devices 1000000
+//! cargo bench --bench storm -- cluster --store postgres --url postgresql://pforte@127.0.0.1:5432/pforte --password-file pw --nodes 3
+//! cargo bench --bench storm -- cluster --store sqlite --nodes 1
 //! ```
 //! Every mode prints its figures, and a last line with the share of CPU time the host's other
 //! guests took during the run (steal); `storm` has a progress line on stderr.
@@ -118,6 +120,31 @@ enum Mode {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// Connects (each committed before it is answered, none refused) spread over N daemons
+    /// sharing one seat pool on PostgreSQL (`--store postgres --url …`; the database's pforte
+    /// tables are dropped first), or one daemon on SQLite (`--store sqlite`): connects per
+    /// second and latency percentiles.
+    Cluster {
+        /// sqlite or postgres.
+        #[arg(long, default_value = "postgres")]
+        store: String,
+        /// The PostgreSQL URL (libpq form).
+        #[arg(long)]
+        url: Option<String>,
+        /// A file holding the PostgreSQL password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Daemons (nodes) sharing the seats.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 50_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 40_000)]
+        connects: usize,
+        /// Clients in all, spread evenly over the nodes (each a keep-alive connection).
+        #[arg(long, default_value_t = 48)]
+        concurrency: usize,
+    },
     /// Registry load time and the daemon's memory for N devices.
     Load {
         #[arg(long, default_value_t = 1_000_000)]
@@ -155,6 +182,11 @@ struct Bench {
 
 impl Bench {
     fn new(devices: usize, max_sessions: usize, synchronous: &str) -> Bench {
+        Bench::with_store(devices, max_sessions, synchronous, "")
+    }
+
+    /// As [`Bench::new`], with more `[store]` keys (a PostgreSQL backend).
+    fn with_store(devices: usize, max_sessions: usize, synchronous: &str, store: &str) -> Bench {
         let dir = tempfile::tempdir().unwrap();
         let started = Instant::now();
         write_registry(&dir.path().join("devices.csv"), devices);
@@ -180,6 +212,7 @@ watch_interval_s = 0
 [store]
 path = "{d}/pforte.db"
 synchronous = "{synchronous}"
+{store}
 [audit]
 path = "{d}/audit.log"
 [policy]
@@ -865,6 +898,139 @@ fn storm(cli: &Cli, devices: usize, connects: usize, concurrency: usize, reload_
     );
 }
 
+/// Runs one statement batch on the bench's PostgreSQL; returns the first column of the last row.
+fn pg_exec(url: &str, password_file: Option<&Path>, sql: &str) -> Option<String> {
+    runtime().block_on(async {
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        if let Some(p) = password_file {
+            config.password(std::fs::read_to_string(p).unwrap().trim_end());
+        }
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rows = client.simple_query(sql).await.unwrap();
+        rows.iter().rev().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+    })
+}
+
+fn cluster(
+    cli: &Cli,
+    store: &str,
+    url: Option<&str>,
+    password_file: Option<&Path>,
+    (nodes, devices, connects, concurrency): (usize, usize, usize, usize),
+) {
+    let good: Vec<usize> = (0..devices)
+        .filter(|i| kind(*i) == "good")
+        .take(connects)
+        .collect();
+    assert_eq!(good.len(), connects, "--devices too few for --connects");
+    let mut benches = Vec::new();
+    match store {
+        "sqlite" => {
+            assert_eq!(nodes, 1, "SQLite: one node");
+            benches.push(Bench::new(devices, connects + 10, &cli.synchronous));
+        }
+        "postgres" => {
+            let url = url.expect("--url");
+            pg_exec(
+                url,
+                password_file,
+                "DROP TABLE IF EXISTS pforte_schema, pforte_cluster, pforte_sessions, pforte_counts, pforte_nodes, pforte_kills CASCADE;
+                 DROP FUNCTION IF EXISTS pforte_apply(jsonb), pforte_end(text, text, text), pforte_expire(text), pforte_bump(text[], text[], integer);",
+            );
+            for n in 0..nodes {
+                let pw = password_file
+                    .map(|p| format!("password_file = \"{}\"\n", p.display()))
+                    .unwrap_or_default();
+                let keys = format!(
+                    "backend = \"postgres\"\nurl = \"{url}\"\n{pw}node = \"bench{n}\"\nlease_s = 60\n"
+                );
+                benches.push(Bench::with_store(
+                    devices,
+                    connects + 10,
+                    &cli.synchronous,
+                    &keys,
+                ));
+            }
+        }
+        other => panic!("--store {other}: sqlite or postgres"),
+    }
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        good.iter()
+            .map(|i| http_post("/v1/connect", &request(*i)))
+            .collect(),
+    );
+    let sockets: Vec<PathBuf> = benches.iter().map(Bench::socket).collect();
+    let cpu_before: Vec<(f64, f64)> = benches.iter().map(Bench::cpu).collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut lat = runtime().block_on(async {
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|t| {
+                let socket = sockets[t % sockets.len()].clone();
+                let (next, errors, requests) = (next.clone(), errors.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let mut c = LeanClient::connect(&socket).await;
+                    let mut lat = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= requests.len() {
+                            return lat;
+                        }
+                        let t = Instant::now();
+                        match c.send(&requests[n]).await {
+                            Ok((200, body)) if body.starts_with(b"{\"decision\":\"allow\"") => {}
+                            other => failed(&errors, "connect", n, other),
+                        }
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                })
+            })
+            .collect();
+        let mut all = Latencies::default();
+        for t in tasks {
+            all.0.extend(t.await.unwrap());
+        }
+        all
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let daemons_cpu: f64 = benches
+        .iter()
+        .zip(&cpu_before)
+        .map(|(b, before)| b.cpu().0 - before.0)
+        .sum();
+    let me_cpu = benches[0].cpu().1 - cpu_before[0].1;
+    let errors = errors.load(Ordering::Relaxed);
+    println!(
+        "cluster ({store}, {nodes} node{}): {connects} connects, {concurrency} clients, synchronous={}: {secs:.2} s = {:.0} connects/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; errors {errors}; CPU: daemons {:.2} cores, load generator {:.2} cores",
+        if nodes == 1 { "" } else { "s" },
+        cli.synchronous,
+        connects as f64 / secs,
+        lat.pct(0.5),
+        lat.pct(0.99),
+        lat.pct(0.999),
+        lat.pct(1.0),
+        daemons_cpu / secs,
+        me_cpu / secs,
+    );
+    assert_eq!(errors, 0, "connects failed");
+    if store == "postgres" {
+        let stored = pg_exec(
+            url.unwrap_or_default(),
+            password_file,
+            "SELECT count(*) FROM pforte_sessions",
+        );
+        println!(
+            "cluster: sessions in PostgreSQL after the run: {stored:?} (connects acknowledged: {connects})"
+        );
+        assert_eq!(stored, Some(connects.to_string()));
+    }
+}
+
 fn fill(b: &Bench, n: usize) {
     runtime().block_on(async {
         let next = Arc::new(AtomicUsize::new(0));
@@ -1137,6 +1303,21 @@ fn main() {
             sessions_large,
         } => scrape(&cli, sessions, sessions_large),
         Mode::Load { devices } => load(&cli, devices),
+        Mode::Cluster {
+            ref store,
+            ref url,
+            ref password_file,
+            nodes,
+            devices,
+            connects,
+            concurrency,
+        } => cluster(
+            &cli,
+            store,
+            url.as_deref(),
+            password_file.as_deref(),
+            (nodes, devices, connects, concurrency),
+        ),
         Mode::Soak {
             seconds,
             devices,

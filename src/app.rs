@@ -91,13 +91,17 @@ impl App {
             Decided::Done(resp) => resp,
             Decided::Admitted(a) => {
                 let displaced = a.admitted.displaced.clone();
+                let org_unit = a.admitted.session.org_unit.clone();
                 let why = DISPLACED_WHY;
                 let (response, session) = match self.sessions.persist(a.admitted, why).await {
                     Ok(session) => {
                         self.record_displaced(&a.req, &displaced, why);
                         (a.response, Some(session))
                     }
-                    Err(d) => (ConnectResponse::deny(&d), None),
+                    Err(d) => {
+                        self.count_capacity_refusal(&org_unit, &d);
+                        (ConnectResponse::deny(&d), None)
+                    }
                 };
                 self.record_timed(&a.req, &response, session.as_ref(), a.started);
                 response
@@ -133,6 +137,7 @@ impl App {
     pub async fn persist(&self, pending: PendingCommit) -> bool {
         let PendingCommit { admitted, req } = pending;
         let displaced = admitted.displaced.clone();
+        let org_unit = admitted.session.org_unit.clone();
         let why = DISPLACED_WHY;
         match self.sessions.persist(admitted, why).await {
             Ok(_) => {
@@ -140,9 +145,24 @@ impl App {
                 true
             }
             Err(d) => {
+                self.count_capacity_refusal(&org_unit, &d);
                 self.record_decision(&req, &ConnectResponse::deny(&d), None);
                 false
             }
+        }
+    }
+
+    /// Counts a refusal by the cluster's limits (a shared store decides capacity at the
+    /// commit).
+    fn count_capacity_refusal(&self, org_unit: &str, d: &Denial) {
+        if matches!(
+            d.reason,
+            Reason::CapacityFull | Reason::OrgUnitQuota | Reason::UserSessionLimit
+        ) {
+            self.metrics
+                .capacity_refusals
+                .with_label_values(&[org_unit, d.reason.as_str()])
+                .inc();
         }
     }
 

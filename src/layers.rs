@@ -9,7 +9,7 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     ("entry points", &["check", "ctl", "hook", "serve"]),
     ("transports", &["api", "client", "vpn"]),
-    ("operations", &["app"]),
+    ("operations", &["app", "cluster"]),
     ("domain", &["policy", "registry", "sessions", "state"]),
     (
         "infrastructure",

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod bandwidth;
 pub mod check;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod hook;

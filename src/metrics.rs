@@ -88,6 +88,67 @@ pub struct Metrics {
     pub radius_disconnects: IntCounterVec,
     /// Accepted RADIUS sessions ended because their Accounting Start did not come, by client.
     pub radius_start_timeouts: IntCounterVec,
+    /// Cluster figures (PostgreSQL store only; registered by [`Metrics::enable_cluster`]).
+    pub cluster: ClusterMetrics,
+}
+
+/// The cluster's figures, exported only with a shared (PostgreSQL) store. Node names come from
+/// the nodes' configs: a bounded set.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Seats used in the whole cluster.
+    pub seats_used: IntGauge,
+    /// Live sessions by node.
+    pub sessions: IntGaugeVec,
+    /// 1 while a node's lease is current, by node.
+    pub node_lease_ok: IntGaugeVec,
+    /// Sessions this node ended because their node's lease lapsed.
+    pub sessions_expired: IntCounter,
+    /// 1 while the limits in force (set by the node that started or reloaded last) differ
+    /// from this node's config.
+    pub config_mismatch: IntGauge,
+    /// 1 on every node: its name.
+    pub node_info: IntGaugeVec,
+}
+
+impl ClusterMetrics {
+    fn new() -> prometheus::Result<ClusterMetrics> {
+        Ok(ClusterMetrics {
+            seats_used: IntGauge::new(
+                "pforte_cluster_seats_used",
+                "Seats in use in the whole cluster (every node sharing the store).",
+            )?,
+            sessions: IntGaugeVec::new(
+                Opts::new(
+                    "pforte_cluster_sessions",
+                    "Live sessions by node, cluster-wide.",
+                ),
+                &["node"],
+            )?,
+            node_lease_ok: IntGaugeVec::new(
+                Opts::new(
+                    "pforte_cluster_node_lease_ok",
+                    "1 while the node's lease in the shared store is current.",
+                ),
+                &["node"],
+            )?,
+            sessions_expired: IntCounter::new(
+                "pforte_cluster_sessions_expired_total",
+                "Sessions of other nodes this node ended because their lease lapsed.",
+            )?,
+            config_mismatch: IntGauge::new(
+                "pforte_cluster_config_mismatch",
+                "1 while the cluster's limits (set by the node that started or reloaded last) differ from this node's config.",
+            )?,
+            node_info: IntGaugeVec::new(
+                Opts::new(
+                    "pforte_cluster_node_info",
+                    "This pforte's node name in the cluster.",
+                ),
+                &["node"],
+            )?,
+        })
+    }
 }
 
 fn counter_vec(
@@ -350,8 +411,24 @@ impl Metrics {
                 "Accepted RADIUS sessions ended because no Accounting Start came in time.",
                 &["client"],
             )?,
+            cluster: ClusterMetrics::new()?,
             registry: r,
         })
+    }
+
+    /// Registers the cluster's metrics (with a PostgreSQL store), for this node.
+    pub fn enable_cluster(&self, node: &str) -> prometheus::Result<()> {
+        let c = &self.cluster;
+        self.registry.register(Box::new(c.seats_used.clone()))?;
+        self.registry.register(Box::new(c.sessions.clone()))?;
+        self.registry.register(Box::new(c.node_lease_ok.clone()))?;
+        self.registry
+            .register(Box::new(c.sessions_expired.clone()))?;
+        self.registry
+            .register(Box::new(c.config_mismatch.clone()))?;
+        self.registry.register(Box::new(c.node_info.clone()))?;
+        c.node_info.with_label_values(&[node]).set(1);
+        Ok(())
     }
 
     /// Creates every labelled series the rules make possible, at zero, and sets the capacity

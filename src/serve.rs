@@ -10,11 +10,12 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, Api, Token};
 use crate::app::App;
 use crate::audit::{Audit, PseudonymKey};
+use crate::config::Backend;
 use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::state::{self, State};
-use crate::store::{self, SessionStore, SqliteStore};
+use crate::store::{self, SessionStore, SqliteStore, StoreHandle};
 use crate::{bandwidth, net, vpn};
 
 /// Why the daemon could not start.
@@ -120,19 +121,39 @@ pub async fn run(
         }
         None => None,
     };
-    let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;
-    let stored = sqlite.load()?;
-    store::spawn_checkpointer(
-        &config.store.path,
-        sqlite.wal_frames(),
-        store::CheckpointPace::default(),
-    )?;
-    let (store, _writer) = store::spawn_writer(
-        sqlite,
-        metrics.clone(),
-        audit.clone(),
-        config.store.fail_mode == crate::config::FailMode::Open,
-    )?;
+    let (store, stored) = match &config.store.backend {
+        Backend::Sqlite => {
+            let mut sqlite = SqliteStore::open(&config.store.path, config.store.durability)?;
+            let stored = sqlite.load()?;
+            store::spawn_checkpointer(
+                &config.store.path,
+                sqlite.wal_frames(),
+                store::CheckpointPace::default(),
+            )?;
+            let (store, _writer) = store::spawn_writer(
+                sqlite,
+                metrics.clone(),
+                audit.clone(),
+                config.store.fail_mode == crate::config::FailMode::Open,
+            )?;
+            (store, stored)
+        }
+        Backend::Postgres(pg) => {
+            metrics
+                .enable_cluster(&pg.node)
+                .map_err(|e| ServeError::Start(format!("metrics: {e}")))?;
+            let (handle, stored) = store::postgres::open(
+                pg,
+                &config.rules,
+                metrics.clone(),
+                audit.clone(),
+                config.store.fail_mode == crate::config::FailMode::Open,
+                Duration::from_secs(30),
+            )
+            .await?;
+            (StoreHandle::shared(handle), stored)
+        }
+    };
     let sessions = Sessions::new(store, metrics.clone(), config.store.fail_mode);
     sessions.set_pools(
         config
@@ -172,6 +193,13 @@ pub async fn run(
         &control.shutdown,
     );
     tasks.spawn(watchdog(control.shutdown.clone()));
+    if let Some(pg) = sessions.store().cluster() {
+        tasks.spawn(crate::cluster::run(
+            app.clone(),
+            pg.clone(),
+            control.shutdown.clone(),
+        ));
+    }
 
     api.set_ready(true);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

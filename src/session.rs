@@ -42,6 +42,10 @@ pub struct Session {
     pub bytes_received: u64,
     /// Bytes sent to the client (latest known).
     pub bytes_sent: u64,
+    /// The pforte node the session belongs to, with a shared store (PostgreSQL); empty with
+    /// SQLite, and then not shown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 /// How a disconnect or kill names its session.

@@ -272,7 +272,11 @@ impl Sessions {
                 org_unit: t.per_org_unit.get(&adm.org_unit).copied().unwrap_or(0),
                 user: t.per_user.get(&adm.username).copied().unwrap_or(0),
             };
-            if let Err(d) = check_capacity(adm, occupancy, capacity) {
+            // With a shared store the cluster's seats decide, in the database, at the commit
+            // (`persist`); this table holds this node's sessions only.
+            if self.store.cluster().is_none()
+                && let Err(d) = check_capacity(adm, occupancy, capacity)
+            {
                 self.restore_locked(&mut t, others);
                 return Err(d);
             }
@@ -307,6 +311,11 @@ impl Sessions {
                 started_at: now_unix,
                 bytes_received: 0,
                 bytes_sent: 0,
+                node: self
+                    .store
+                    .cluster()
+                    .map(|c| c.node().to_string())
+                    .unwrap_or_default(),
             };
             self.insert_locked(&mut t, session.clone());
             (session, replaced, others)
@@ -345,10 +354,23 @@ impl Sessions {
             line,
             displaced,
         } = admitted;
-        let committed = self
-            .store
-            .commit(StoreOp::Insert(Box::new(session.clone())), line)
-            .await;
+        let committed = match self.store.cluster() {
+            None => {
+                self.store
+                    .commit(StoreOp::Insert(Box::new(session.clone())), line)
+                    .await
+            }
+            Some(cluster) => match cluster.admit(session.clone(), line).await {
+                Ok(None) => Ok(()),
+                Ok(Some(reason)) => {
+                    let mut t = self.lock();
+                    self.remove_locked(&mut t, &session.id);
+                    self.restore_locked(&mut t, displaced);
+                    return Err(cluster_refusal(reason, &session));
+                }
+                Err(e) => Err(e),
+            },
+        };
         match committed {
             Ok(()) => {
                 self.end_displaced(displaced, why_displaced);
@@ -409,10 +431,41 @@ impl Sessions {
         now_unix: i64,
         audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Option<Session> {
-        let mut s = {
+        self.end_as(sel, final_bytes, now_unix, "disconnect", audit_line)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// As [`Sessions::end`]; also true if the session was this node's (false: another node's,
+    /// ended in the shared store, which that node ends at its VPN server).
+    async fn end_as(
+        &self,
+        sel: &Selector,
+        final_bytes: Option<(u64, u64)>,
+        now_unix: i64,
+        why: &str,
+        audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
+    ) -> Option<(Session, bool)> {
+        let found = {
             let mut t = self.lock();
-            let id = Self::find_locked(&t, sel)?;
-            self.remove_locked(&mut t, &id)?
+            Self::find_locked(&t, sel).and_then(|id| self.remove_locked(&mut t, &id))
+        };
+        let mut s = match (found, self.store.cluster(), sel) {
+            (Some(s), _, _) => s,
+            (None, Some(cluster), Selector::Id(id)) => {
+                let s = match cluster.end_elsewhere(id, why).await {
+                    Ok(s) => s?,
+                    Err(e) => {
+                        tracing::error!(error = %e, session = %id, "ending a session of another node failed");
+                        return None;
+                    }
+                };
+                // The delete is done; this carries the end's audit line to the writer.
+                self.store
+                    .queue(StoreOp::Delete(s.id.clone()), audit_line(&s));
+                return Some((s, false));
+            }
+            (None, _, _) => return None,
         };
         if let Some((rx, tx)) = final_bytes {
             self.account_bytes(&s, rx, tx);
@@ -425,7 +478,39 @@ impl Sessions {
             // The writer keeps the delete and retries it; the seat is free in memory now.
             tracing::warn!(error = %e, "session end not yet persisted; will retry");
         }
-        Some(s)
+        Some((s, true))
+    }
+
+    /// A session of this node ended elsewhere (a kill on another node, a lapsed lease): out of
+    /// the table (the shared store has forgotten it already) and asked of the VPN server to
+    /// drop. False if it was not here.
+    pub fn ended_elsewhere(&self, id: &str, why: &str) -> bool {
+        let Some(s) = ({
+            let mut t = self.lock();
+            self.remove_locked(&mut t, id)
+        }) else {
+            return false;
+        };
+        self.account_end(&s, crate::state::unix_now());
+        let _ = self.kills.send(KillRequest {
+            session: s,
+            why: why.to_string(),
+        });
+        true
+    }
+
+    /// Every live session: with a shared store the whole cluster's (each with its node), else
+    /// this table's.
+    pub async fn list_all(&self) -> Vec<Session> {
+        if let Some(cluster) = self.store.cluster() {
+            match cluster.list().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the cluster's sessions failed; this node's only");
+                }
+            }
+        }
+        self.list()
     }
 
     /// Ends a session and asks the VPN server to drop it.
@@ -436,7 +521,10 @@ impl Sessions {
         now_unix: i64,
         audit_line: impl FnOnce(&Session) -> Option<Vec<u8>>,
     ) -> Option<Session> {
-        let s = self.end(sel, None, now_unix, audit_line).await?;
+        let (s, here) = self.end_as(sel, None, now_unix, why, audit_line).await?;
+        if !here {
+            return Some(s);
+        }
         // No receiver (no VPN integration running) is fine: the table is already right.
         let _ = self.kills.send(KillRequest {
             session: s.clone(),
@@ -558,6 +646,23 @@ impl Sessions {
         self.store.queue(StoreOp::Insert(Box::new(copy)), None);
         true
     }
+}
+
+/// A refusal by the cluster's limits, worded as the local check words it.
+fn cluster_refusal(reason: Reason, s: &Session) -> Denial {
+    let message = match reason {
+        Reason::OrgUnitQuota => format!(
+            "Org unit {} has used all of its VPN sessions in the cluster.",
+            s.org_unit
+        ),
+        Reason::UserSessionLimit => format!(
+            "User {} already has the maximum number of VPN sessions in the cluster.",
+            s.username
+        ),
+        _ if s.priority => "All VPN seats of the cluster are taken.".to_string(),
+        _ => "All general VPN seats of the cluster are taken.".to_string(),
+    };
+    Denial { reason, message }
 }
 
 fn decrement(map: &mut HashMap<String, u32>, key: &str) {

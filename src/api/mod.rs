@@ -444,7 +444,7 @@ async fn v1(api: &Api, req: Request<Incoming>, method: &Method, path: &str) -> R
         }
         (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &api.app.status()),
         (&Method::GET, "/v1/sessions") => {
-            let sessions = api.app.sessions.list();
+            let sessions = api.app.sessions.list_all().await;
             json_response(
                 StatusCode::OK,
                 &json!({"count": sessions.len(), "sessions": sessions}),

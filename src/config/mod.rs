@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 mod radius;
 mod raw;
+mod store;
 mod validate;
 
 #[cfg(test)]
@@ -19,6 +20,7 @@ pub use radius::{
     DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
 };
 use raw::RawConfig;
+pub use store::{Backend, PostgresConfig};
 use validate::validate;
 pub use validate::{DEFAULT_WORKERS, MAX_WORKERS};
 
@@ -108,6 +110,8 @@ pub enum FailMode {
 /// The session store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// SQLite (one concentrator) or PostgreSQL (several sharing seats).
+    pub backend: Backend,
     /// SQLite file.
     pub path: PathBuf,
     /// What a failed write does to a connect.

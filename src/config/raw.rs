@@ -100,6 +100,13 @@ pub(super) struct RawStore {
     pub(super) path: Option<String>,
     pub(super) fail_mode: Option<String>,
     pub(super) synchronous: Option<String>,
+    // Several concentrators on PostgreSQL (config/store.rs).
+    pub(super) backend: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) node: Option<String>,
+    pub(super) lease_s: Option<u64>,
+    pub(super) statement_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

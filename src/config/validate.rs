@@ -37,7 +37,9 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
             }
         },
     };
+    let backend = super::store::backend(&raw.store)?;
     let store = StoreConfig {
+        backend,
         path: PathBuf::from(
             raw.store
                 .path

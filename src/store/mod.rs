@@ -1,5 +1,6 @@
 //! Session persistence behind one narrow interface ([`SessionStore`]), one file per backend
-//! (SQLite: [`sqlite`]), the group-commit writer that every backend sits behind ([`writer`]) and
+//! (SQLite: [`sqlite`]; PostgreSQL, shared by several nodes, with the admission done in the
+//! database: [`postgres`]), the group-commit writer that every backend sits behind ([`writer`]) and
 //! SQLite's WAL checkpointer ([`checkpoint`]).
 //!
 //! Group commit: every connect and disconnect queues its change and waits for the commit before
@@ -13,10 +14,12 @@ use std::sync::Arc;
 use crate::session::Session;
 
 mod checkpoint;
+pub mod postgres;
 mod sqlite;
 mod writer;
 
 pub use checkpoint::{CheckpointPace, spawn_checkpointer};
+pub use postgres::PgHandle;
 pub use sqlite::{SqliteStore, WalFrames};
 pub use writer::{StoreHandle, StoreWriter, spawn_writer};
 
@@ -29,6 +32,9 @@ pub enum StoreError {
     /// The store's folder could not be made.
     #[error("session store: {0}")]
     Io(#[from] std::io::Error),
+    /// PostgreSQL refused, or could not be reached in time.
+    #[error("session store (PostgreSQL): {0}")]
+    Postgres(String),
     /// The writer thread is gone.
     #[error("session store writer has stopped")]
     Stopped,
@@ -91,5 +97,6 @@ pub(crate) fn test_session(i: usize) -> Session {
         started_at: 0,
         bytes_received: 0,
         bytes_sent: 0,
+        node: String::new(),
     }
 }

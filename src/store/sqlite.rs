@@ -145,6 +145,7 @@ impl SessionStore for SqliteStore {
                 started_at: r.get(14)?,
                 bytes_received: u64::try_from(r.get::<_, i64>(15)?).unwrap_or(0),
                 bytes_sent: u64::try_from(r.get::<_, i64>(16)?).unwrap_or(0),
+                node: String::new(),
             })
         })?;
         let mut out = Vec::new();

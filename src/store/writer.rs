@@ -58,7 +58,14 @@ struct Shared {
 /// thread commits what is queued and stops.
 #[derive(Clone)]
 pub struct StoreHandle {
-    token: Arc<Token>,
+    backend: Backend,
+}
+
+/// The writer behind a handle: this box's own (SQLite) or the cluster's (PostgreSQL).
+#[derive(Clone)]
+enum Backend {
+    Local(Arc<Token>),
+    Shared(super::PgHandle),
 }
 
 /// Dropped with the last [`StoreHandle`].
@@ -153,7 +160,7 @@ pub fn spawn_writer<S: SessionStore>(
         .spawn(move || thread.writer_thread())?;
     Ok((
         StoreHandle {
-            token: Arc::new(Token(shared)),
+            backend: Backend::Local(Arc::new(Token(shared))),
         },
         StoreWriter {
             handle: Some(handle),
@@ -363,8 +370,24 @@ impl Shared {
 }
 
 impl StoreHandle {
-    fn push(&self, job: Job) -> Result<(), CommitError> {
-        let mut q = lock(&self.token.0.queue);
+    /// A handle on the shared PostgreSQL store.
+    pub fn shared(pg: super::PgHandle) -> StoreHandle {
+        StoreHandle {
+            backend: Backend::Shared(pg),
+        }
+    }
+
+    /// The shared store, if this is one: admission is then the cluster's
+    /// ([`super::PgHandle::admit`]).
+    pub fn cluster(&self) -> Option<&super::PgHandle> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Shared(pg) => Some(pg),
+        }
+    }
+
+    fn push(token: &Token, job: Job) -> Result<(), CommitError> {
+        let mut q = lock(&token.0.queue);
         if !q.open {
             return Err(CommitError::Stopped);
         }
@@ -379,26 +402,38 @@ impl StoreHandle {
         op: StoreOp,
         audit_line: Option<Vec<u8>>,
     ) -> Result<(), CommitError> {
+        let token = match &self.backend {
+            Backend::Local(token) => token,
+            Backend::Shared(pg) => return pg.commit(op, audit_line).await,
+        };
         let (tx, rx) = oneshot::channel();
-        self.push(Job::Op(op, Some(tx), audit_line))?;
-        self.token.0.commit_here_if_idle();
+        Self::push(token, Job::Op(op, Some(tx), audit_line))?;
+        token.0.commit_here_if_idle();
         rx.await.map_err(|_| CommitError::Stopped)?
     }
 
     /// Queues a change (with its audit line) without waiting; the writer thread commits it.
     pub fn queue(&self, op: StoreOp, audit_line: Option<Vec<u8>>) {
-        if self.push(Job::Op(op, None, audit_line)).is_err() {
+        let token = match &self.backend {
+            Backend::Local(token) => token,
+            Backend::Shared(pg) => return pg.queue(op, audit_line),
+        };
+        if Self::push(token, Job::Op(op, None, audit_line)).is_err() {
             tracing::warn!("session store writer has stopped; change dropped");
             return;
         }
-        self.token.0.wake_writer();
+        token.0.wake_writer();
     }
 
     /// Waits until everything queued so far is committed.
     pub async fn flush(&self) -> Result<(), CommitError> {
+        let token = match &self.backend {
+            Backend::Local(token) => token,
+            Backend::Shared(pg) => return pg.flush().await,
+        };
         let (tx, rx) = oneshot::channel();
-        self.push(Job::Flush(tx))?;
-        self.token.0.commit_here_if_idle();
+        Self::push(token, Job::Flush(tx))?;
+        token.0.commit_here_if_idle();
         rx.await.map_err(|_| CommitError::Stopped)?
     }
 }

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cli;
+mod cluster;
+mod cluster_openvpn_e2e;
 mod common;
 mod ctl;
 mod daemon;
@@ -27,6 +29,8 @@ mod revocation;
 fn main() -> std::process::ExitCode {
     let cases = [
         cli::tests(),
+        cluster::tests(),
+        cluster_openvpn_e2e::tests(),
         common::tests(),
         ctl::tests(),
         daemon::tests(),

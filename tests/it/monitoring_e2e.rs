@@ -614,6 +614,10 @@ async fn prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead() {
         s = secret.display()
     ));
     fixture.write_config();
+    // On a PostgreSQL store (a cluster of one node), so the dashboard's cluster row has series
+    // too; every other panel reads the same metrics on either store.
+    let pg = crate::common::postgres::Postgres::start();
+    fixture.setup.env.extend(pg.node_env("pforte", "vpn1", 60));
     let daemon = fixture.start();
 
     let webhook = Webhook::start();
@@ -881,7 +885,7 @@ fn grafana_variables_are_substituted() {
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
-        trial!(async prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead, needs: [Need::Tool("prometheus", "prometheus"), Need::Tool("prometheus-alertmanager", "prometheus-alertmanager")]),
+        trial!(async prometheus_pages_on_seat_saturation_and_no_dashboard_panel_is_dead, needs: [Need::Tool("prometheus", "prometheus"), Need::Tool("prometheus-alertmanager", "prometheus-alertmanager"), Need::Tool("initdb", "postgresql"), Need::Tool("psql", "postgresql-client")]),
         trial!(placeholders_are_recognised),
         trial!(grafana_variables_are_substituted),
     ]

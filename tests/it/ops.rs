@@ -51,6 +51,12 @@ fn exported_metrics() -> &'static Vec<String> {
             .filter(|l| l.starts_with("pforte_"))
             .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
             .collect();
+        // Exported only with a PostgreSQL store (checked in cluster::).
+        names.extend(
+            crate::common::postgres::CLUSTER_METRICS
+                .iter()
+                .map(|m| m.to_string()),
+        );
         names.sort();
         names.dedup();
         names

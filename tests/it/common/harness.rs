@@ -58,10 +58,12 @@ impl Need {
     }
 }
 
-/// Whether `program` is an executable file in a `PATH` directory.
+/// Whether `program` is an executable file in a `PATH` directory (or, for PostgreSQL's server
+/// programs, in Debian's `/usr/lib/postgresql/<version>/bin`).
 fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain(super::postgres::bin_dirs())
         .map(|dir| dir.join(program))
         .any(|p: PathBuf| {
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod freeradius;
 pub mod harness;
 pub mod openvpn;
+pub mod postgres;
 pub mod radclient;
 
 use std::fmt::Write as _;

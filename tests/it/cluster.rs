@@ -1,0 +1,687 @@
+//! Several pforte nodes sharing one seat pool on a real PostgreSQL (started by the tests in a
+//! temp folder): the oversell race for each of the four limits, sessions listed and killed
+//! from any node, a node restarted while its sessions live, kill -9 of a node and its lease
+//! lapsing, and PostgreSQL stopped and started during a storm of connects.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use pforte::wire::{ConnectRequest, ConnectResponse, Decision};
+
+use crate::common::harness::{Case, Need, trial};
+use crate::common::postgres::Postgres;
+use crate::common::*;
+
+const NEEDS: [Need; 3] = [
+    Need::Tool("initdb", "postgresql"),
+    Need::Tool("psql", "postgresql-client"),
+    Need::Root("to run PostgreSQL as an unprivileged user"),
+];
+
+/// One node: its own folder, config, socket and audit log, on the shared database.
+fn node(
+    pg: &Postgres,
+    db: &str,
+    name: &str,
+    lease_s: u64,
+    setup: Setup,
+    devices: &[Dev],
+) -> Fixture {
+    let mut setup = setup;
+    setup.token = true;
+    setup.env.extend(pg.node_env(db, name, lease_s));
+    Fixture::new(setup, devices)
+}
+
+fn reason(r: &ConnectResponse) -> String {
+    r.reason
+        .map(|x| x.as_str().to_string())
+        .unwrap_or_else(|| "allowed".into())
+}
+
+fn auth() -> [(&'static str, &'static str); 1] {
+    [("Authorization", "Bearer test-token-0123456789abcdef")]
+}
+
+/// `GET /v1/sessions` on a node: (node, id) of every session listed.
+fn listed(d: &Daemon) -> Vec<(String, String)> {
+    let (status, body) = http(d.port, "GET", "/v1/sessions", &auth(), "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["node"].as_str().unwrap_or("").to_string(),
+                s["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Fires every request at once, each on its own connection to its node.
+async fn race(nodes: &[Daemon], per_node: Vec<Vec<ConnectRequest>>) -> Vec<ConnectResponse> {
+    let mut set = tokio::task::JoinSet::new();
+    for (d, reqs) in nodes.iter().zip(per_node) {
+        for req in reqs {
+            let socket = d.socket.clone();
+            set.spawn(async move {
+                let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
+                c.connect_request(&req).await.unwrap().1
+            });
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+struct Scenario {
+    db: &'static str,
+    setup: Setup,
+    org_unit: &'static str,
+    user: &'static str,
+    /// Seats free for these connects.
+    free: usize,
+    refusal: &'static str,
+}
+
+/// N=3 nodes each firing M=12 connects at once at K free seats admit exactly K, for each of
+/// the four limits: seats, reserved seats (a non-priority org unit), an org-unit quota, the
+/// per-user limit. The database holds exactly K sessions and its counters agree; every node
+/// lists all of them with their nodes.
+async fn the_oversell_race_admits_exactly_the_free_seats_for_every_limit() {
+    let pg = Postgres::start();
+    let scenarios = [
+        Scenario {
+            db: "seats",
+            setup: Setup {
+                max_sessions: 7,
+                per_user: 0,
+                ..Setup::default()
+            },
+            org_unit: "it",
+            user: "alice",
+            free: 7,
+            refusal: "capacity_full",
+        },
+        Scenario {
+            db: "reserved",
+            setup: Setup {
+                max_sessions: 10,
+                reserved_seats: 4,
+                per_user: 0,
+                ..Setup::default()
+            },
+            org_unit: "finance",
+            user: "frank",
+            free: 6,
+            refusal: "capacity_full",
+        },
+        Scenario {
+            db: "quota",
+            setup: Setup {
+                max_sessions: 100,
+                finance_quota: 5,
+                per_user: 0,
+                ..Setup::default()
+            },
+            org_unit: "finance",
+            user: "frank",
+            free: 5,
+            refusal: "org_unit_quota",
+        },
+        Scenario {
+            db: "per_user",
+            setup: Setup {
+                max_sessions: 100,
+                per_user: 3,
+                ..Setup::default()
+            },
+            org_unit: "it",
+            user: "alice",
+            free: 3,
+            refusal: "user_session_limit",
+        },
+    ];
+    for sc in scenarios {
+        pg.create_db(sc.db);
+        let devices: Vec<Dev> = (0..36)
+            .map(|i| Dev {
+                org_unit: sc.org_unit,
+                ..Dev::good(&format!("D-{i:02}"), sc.user)
+            })
+            .collect();
+        let fixtures: Vec<Fixture> = ["gw1", "gw2", "gw3"]
+            .iter()
+            .map(|n| node(&pg, sc.db, n, 60, sc.setup.clone(), &devices))
+            .collect();
+        let nodes: Vec<Daemon> = fixtures.iter().map(Fixture::start).collect();
+        let per_node: Vec<Vec<ConnectRequest>> = (0..3)
+            .map(|n| {
+                (0..12)
+                    .map(|i| connect_req(&devices[n * 12 + i], sc.user, &format!("k{n}-{i}")))
+                    .collect()
+            })
+            .collect();
+        let answers = race(&nodes, per_node).await;
+        let allowed = answers
+            .iter()
+            .filter(|r| r.decision == Decision::Allow)
+            .count();
+        assert_eq!(
+            allowed,
+            sc.free,
+            "{}: {:?}",
+            sc.db,
+            answers.iter().map(reason).collect::<Vec<_>>()
+        );
+        assert!(
+            answers
+                .iter()
+                .filter(|r| r.decision != Decision::Allow)
+                .all(|r| reason(r) == sc.refusal),
+            "{}: {:?}",
+            sc.db,
+            answers.iter().map(reason).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            pg.psql(sc.db, "SELECT count(*) FROM pforte_sessions"),
+            sc.free.to_string()
+        );
+        assert_eq!(
+            pg.psql(sc.db, "SELECT n FROM pforte_counts WHERE kind = 't'"),
+            sc.free.to_string()
+        );
+        for d in &nodes {
+            let list = listed(d);
+            assert_eq!(list.len(), sc.free, "{}", sc.db);
+            assert!(list.iter().all(|(n, _)| n.starts_with("gw")), "{list:?}");
+        }
+        let refused_here: f64 = nodes
+            .iter()
+            .map(|d| {
+                d.metric(&format!(
+                    "pforte_decisions_total{{decision=\"deny\",reason=\"{}\"}}",
+                    sc.refusal
+                ))
+                .unwrap_or(0.0)
+            })
+            .sum();
+        assert_eq!(refused_here as usize, 36 - sc.free);
+    }
+}
+
+/// A session admitted on one node is listed on another with its node, killed there by id, and
+/// gone from its own node's table (which would end it at its VPN server); a node restarted
+/// (kill -9) while its concentrator runs adopts its live sessions and ends them by key.
+async fn sessions_are_listed_and_killed_from_any_node_and_a_restart_loses_nothing() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..4)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let fa = node(&pg, "pforte", "gwa", 60, Setup::default(), &devices);
+    let fb = node(&pg, "pforte", "gwb", 60, Setup::default(), &devices);
+    let a = fa.start();
+    let b = fb.start();
+    let mut ca = a.client().await;
+    let (_, r) = ca
+        .connect_request(&connect_req(&devices[0], "alice", "k1"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed");
+    let id = r.session_id.clone().unwrap();
+    assert_eq!(a.metric("pforte_seats_used"), Some(1.0));
+    assert_eq!(listed(&b), vec![("gwa".to_string(), id.clone())]);
+    let (status, body) =
+        http(b.port, "DELETE", &format!("/v1/sessions/{id}"), &auth(), "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "node a to drop the session killed on node b",
+        Duration::from_secs(5),
+        || a.metric("pforte_seats_used") == Some(0.0),
+    );
+    assert_eq!(
+        pg.psql("pforte", "SELECT count(*) FROM pforte_sessions"),
+        "0"
+    );
+    assert!(a.log().contains("session ended elsewhere in the cluster"));
+
+    // A restart of node a while its sessions live.
+    let (_, r) = ca
+        .connect_request(&connect_req(&devices[1], "alice", "k2"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed");
+    let id2 = r.session_id.clone().unwrap();
+    drop(ca);
+    drop(a); // SIGKILL
+    let a = fa.start();
+    assert_eq!(
+        a.metric("pforte_seats_used"),
+        Some(1.0),
+        "adopted from the database"
+    );
+    assert_eq!(listed(&a), vec![("gwa".to_string(), id2.clone())]);
+    let mut ca = a.client().await;
+    let (status, v) = ca
+        .disconnect_request(&pforte::wire::DisconnectRequest {
+            vpn: "openvpn".into(),
+            instance: "office-udp".into(),
+            session_key: "k2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    pg.wait_query(
+        "pforte",
+        "SELECT count(*) FROM pforte_sessions",
+        Duration::from_secs(3),
+        |o| o == "0",
+    );
+    assert_eq!(
+        pg.psql("pforte", "SELECT count(*) FROM pforte_sessions"),
+        "0"
+    );
+    assert_eq!(
+        pg.psql("pforte", "SELECT n FROM pforte_counts WHERE kind = 't'"),
+        "0"
+    );
+}
+
+/// kill -9 of a node: its sessions stay (its concentrator may live); once its lease has lapsed
+/// another node ends them, counts and audits it, and the seats are free for the others.
+async fn a_node_killed_hard_loses_its_seats_once_its_lease_lapses() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..8)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let setup = Setup {
+        max_sessions: 4,
+        per_user: 0,
+        ..Setup::default()
+    };
+    let fa = node(&pg, "pforte", "gwa", 3, setup.clone(), &devices);
+    let fb = node(&pg, "pforte", "gwb", 3, setup.clone(), &devices);
+    let fc = node(&pg, "pforte", "gwc", 3, setup, &devices);
+    let a = fa.start();
+    let b = fb.start();
+    let c = fc.start();
+    let mut cb = b.client().await;
+    for (i, dev) in devices.iter().enumerate().take(4) {
+        let (_, r) = cb
+            .connect_request(&connect_req(dev, "alice", &format!("b{i}")))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), "allowed");
+    }
+    let mut ca = a.client().await;
+    let (_, r) = ca
+        .connect_request(&connect_req(&devices[4], "alice", "a0"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "capacity_full");
+    drop(cb);
+    let killed_at = Instant::now();
+    drop(b); // SIGKILL
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pg.psql(
+            "pforte",
+            "SELECT count(*) FROM pforte_sessions WHERE node = 'gwb'"
+        ),
+        "4",
+        "a node silent for less than its lease keeps its sessions"
+    );
+    pg.wait_query(
+        "pforte",
+        "SELECT count(*) FROM pforte_sessions WHERE node = 'gwb'",
+        Duration::from_secs(10),
+        |o| o == "0",
+    );
+    let took = killed_at.elapsed();
+    // The lease ran 3 s from the node's last heartbeat, at most 1 s (lease_s / 3) before the kill.
+    assert!(
+        took >= Duration::from_secs(2),
+        "ended after {took:?}, before the lease of 3 s lapsed"
+    );
+    assert!(took <= Duration::from_secs(7), "ended only after {took:?}");
+    wait_for("the expiry counted", Duration::from_secs(3), || {
+        a.metric("pforte_cluster_sessions_expired_total")
+            .unwrap_or(0.0)
+            + c.metric("pforte_cluster_sessions_expired_total")
+                .unwrap_or(0.0)
+            == 4.0
+    });
+    let audits = std::fs::read_to_string(fa.path("state/audit.log")).unwrap_or_default()
+        + &std::fs::read_to_string(fc.path("state/audit.log")).unwrap_or_default();
+    assert_eq!(
+        audits.matches("lease of node gwb lapsed").count(),
+        4,
+        "{audits}"
+    );
+    wait_for(
+        "node a sees gwb's lease lapsed",
+        Duration::from_secs(3),
+        || a.metric("pforte_cluster_node_lease_ok{node=\"gwb\"}") == Some(0.0),
+    );
+    assert_eq!(
+        a.metric("pforte_cluster_node_lease_ok{node=\"gwa\"}"),
+        Some(1.0)
+    );
+    let (_, r) = ca
+        .connect_request(&connect_req(&devices[4], "alice", "a1"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed", "the lapsed node's seats are free");
+    assert_eq!(
+        pg.psql("pforte", "SELECT n FROM pforte_counts WHERE kind = 't'"),
+        "1"
+    );
+}
+
+/// PostgreSQL stopped and started while two nodes take a storm of connects (fail mode closed):
+/// connects are refused with store_unavailable while it is gone, each answered within the
+/// hook's 2 s; every connect acknowledged is in the database and no refused one is; the nodes
+/// recover without a restart, and `pforte_store_healthy` says so.
+async fn postgres_stopped_and_started_during_a_storm() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..2)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    // A pool large enough for the whole storm (a /24 runs out after 253 sessions).
+    let setup = Setup {
+        max_sessions: 100_000,
+        per_user: 0,
+        pool: "10.213.0.0/16".into(),
+        ..Setup::default()
+    };
+    let fixtures: Vec<Fixture> = ["gwa", "gwb"]
+        .iter()
+        .map(|n| node(&pg, "pforte", n, 60, setup.clone(), &devices))
+        .collect();
+    let nodes: Vec<Daemon> = fixtures.iter().map(Fixture::start).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut storms = Vec::new();
+    for (n, d) in nodes.iter().enumerate() {
+        let socket = d.socket.clone();
+        let dev = devices[n].clone();
+        let stop = stop.clone();
+        storms.push(tokio::spawn(async move {
+            let mut out: Vec<(Instant, Duration, ConnectResponse)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
+                let (_, r) = c
+                    .connect_request(&connect_req(&dev, "alice", &format!("n{n}-{i}")))
+                    .await
+                    .unwrap();
+                out.push((started, started.elapsed(), r));
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_server());
+    let stopped_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let healthy_while_down: Vec<Option<f64>> = nodes
+        .iter()
+        .map(|d| d.metric("pforte_store_healthy"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    let started_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for s in storms {
+        answers.extend(s.await.unwrap());
+    }
+    assert_eq!(healthy_while_down, vec![Some(0.0), Some(0.0)]);
+    let slowest = answers.iter().map(|(_, took, _)| *took).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a connect took {slowest:?}"
+    );
+    let refused: Vec<&ConnectResponse> = answers
+        .iter()
+        .map(|(_, _, r)| r)
+        .filter(|r| r.decision != Decision::Allow)
+        .collect();
+    assert!(!refused.is_empty());
+    assert!(
+        refused.iter().all(|r| reason(r) == "store_unavailable"),
+        "{:?}\n{}",
+        {
+            let mut runs: Vec<(String, usize)> = Vec::new();
+            for (_, _, r) in &answers {
+                match runs.last_mut() {
+                    Some((w, n)) if *w == reason(r) => *n += 1,
+                    _ => runs.push((reason(r), 1)),
+                }
+            }
+            runs
+        },
+        nodes[0].log()
+    );
+    // Refused only around the outage; admitting again soon after PostgreSQL is back.
+    for (at, _, r) in &answers {
+        if r.decision != Decision::Allow {
+            assert!(
+                *at + Duration::from_secs(2) >= stopped_at
+                    && *at <= started_at + Duration::from_secs(3)
+            );
+        }
+    }
+    let late_allowed = answers
+        .iter()
+        .filter(|(at, _, r)| {
+            *at > started_at + Duration::from_secs(3) && r.decision == Decision::Allow
+        })
+        .count();
+    assert!(
+        late_allowed > 10,
+        "recovered: {late_allowed} admitted after the restart"
+    );
+    let acked: HashSet<String> = answers
+        .iter()
+        .filter_map(|(_, _, r)| r.session_id.clone())
+        .collect();
+    // Compensating deletes of candidates whose outcome was unknown are retried by now.
+    let db = pg.wait_query(
+        "pforte",
+        "SELECT count(*) FROM pforte_sessions",
+        Duration::from_secs(5),
+        |o| o == acked.len().to_string(),
+    );
+    assert_eq!(
+        db,
+        acked.len().to_string(),
+        "the database holds exactly the acknowledged sessions"
+    );
+    let ids: HashSet<String> = pg
+        .psql("pforte", "SELECT id FROM pforte_sessions")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ids, acked,
+        "nothing acknowledged is lost, nothing refused is kept"
+    );
+    for d in &nodes {
+        assert_eq!(d.metric("pforte_store_healthy"), Some(1.0));
+        assert!(d.log().contains("PostgreSQL reachable again"));
+    }
+}
+
+/// Capacity is cluster-wide, with one source of truth: the limits of the node that started (or
+/// reloaded) last are in force everywhere, and a node whose config differs says so in a metric
+/// and its log. A node on PostgreSQL exports every cluster metric.
+async fn the_last_node_started_sets_the_limits_and_a_differing_node_says_so() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..6)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let fa = node(
+        &pg,
+        "pforte",
+        "gwa",
+        3,
+        Setup {
+            max_sessions: 5,
+            per_user: 0,
+            ..Setup::default()
+        },
+        &devices,
+    );
+    let fb = node(
+        &pg,
+        "pforte",
+        "gwb",
+        3,
+        Setup {
+            max_sessions: 3,
+            per_user: 0,
+            ..Setup::default()
+        },
+        &devices,
+    );
+    let a = fa.start();
+    let b = fb.start();
+    wait_for("node a to see the mismatch", Duration::from_secs(5), || {
+        a.metric("pforte_cluster_config_mismatch") == Some(1.0)
+    });
+    assert_eq!(b.metric("pforte_cluster_config_mismatch"), Some(0.0));
+    assert!(a.log().contains("differ from the cluster's limits"));
+    let mut ca = a.client().await;
+    let mut got = Vec::new();
+    for (i, dev) in devices.iter().enumerate().take(4) {
+        let (_, r) = ca
+            .connect_request(&connect_req(dev, "alice", &format!("a{i}")))
+            .await
+            .unwrap();
+        got.push(reason(&r));
+    }
+    assert_eq!(
+        got,
+        ["allowed", "allowed", "allowed", "capacity_full"],
+        "node b's 3 seats apply on node a"
+    );
+    wait_for("cluster metrics", Duration::from_secs(5), || {
+        a.metric("pforte_cluster_seats_used") == Some(3.0)
+    });
+    let text = a.metrics();
+    for m in crate::common::postgres::CLUSTER_METRICS {
+        assert!(
+            text.lines().any(|l| l.starts_with(m)),
+            "{m} not exported:\n{text}"
+        );
+    }
+    assert_eq!(a.metric("pforte_cluster_sessions{node=\"gwa\"}"), Some(3.0));
+    assert_eq!(
+        a.metric("pforte_cluster_node_info{node=\"gwa\"}"),
+        Some(1.0)
+    );
+}
+
+/// Fail mode open: with PostgreSQL gone a connect is admitted on this node's word alone, and
+/// recorded in the shared store once it is back.
+async fn fail_open_admits_without_the_database_and_records_later() {
+    let pg = Postgres::start();
+    let devices = [Dev::good("D-0", "alice"), Dev::good("D-1", "alice")];
+    let mut setup = Setup::default();
+    setup
+        .env
+        .push(("PFORTE_STORE__FAIL_MODE".into(), "open".into()));
+    let f = node(&pg, "pforte", "gwa", 60, setup, &devices);
+    let d = f.start();
+    let mut c = d.client().await;
+    let (_, r) = c
+        .connect_request(&connect_req(&devices[0], "alice", "k0"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed");
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_server());
+    let t = Instant::now();
+    let (_, r) = c
+        .connect_request(&connect_req(&devices[1], "alice", "k1"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed", "{}", d.log());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let id = r.session_id.unwrap();
+    assert_eq!(d.metric("pforte_store_healthy"), Some(0.0));
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    let got = pg.wait_query(
+        "pforte",
+        &format!("SELECT count(*) FROM pforte_sessions WHERE id = '{id}'"),
+        Duration::from_secs(10),
+        |o| o == "1",
+    );
+    assert_eq!(got, "1", "recorded once PostgreSQL is back\n{}", d.log());
+    assert_eq!(
+        pg.psql("pforte", "SELECT n FROM pforte_counts WHERE kind = 't'"),
+        "2"
+    );
+}
+
+/// PostgreSQL gone for longer than the lease: every lease looks lapsed when it is back, but the
+/// live nodes renew theirs before anyone ends a session (a node expires others only after a
+/// whole lease of its own renewals), so nothing is ended.
+async fn a_database_outage_longer_than_the_lease_ends_no_live_session() {
+    let pg = Postgres::start();
+    let devices = [Dev::good("D-0", "alice"), Dev::good("D-1", "bob")];
+    let fa = node(&pg, "pforte", "gwa", 3, Setup::default(), &devices);
+    let fb = node(&pg, "pforte", "gwb", 3, Setup::default(), &devices);
+    let a = fa.start();
+    let b = fb.start();
+    for (d, dev, user) in [(&a, &devices[0], "alice"), (&b, &devices[1], "bob")] {
+        let mut c = d.client().await;
+        let (_, r) = c
+            .connect_request(&connect_req(dev, user, "k"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), "allowed");
+    }
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_server());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    // Longer than a lease after the database is back: a dead node would be expired by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        pg.psql("pforte", "SELECT count(*) FROM pforte_sessions"),
+        "2"
+    );
+    for d in [&a, &b] {
+        assert_eq!(d.metric("pforte_cluster_sessions_expired_total"), Some(0.0));
+        assert_eq!(d.metric("pforte_seats_used"), Some(1.0));
+        assert_eq!(
+            d.metric("pforte_cluster_node_lease_ok{node=\"gwa\"}"),
+            Some(1.0)
+        );
+    }
+}
+
+pub fn tests() -> Vec<Case> {
+    vec![
+        trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) sessions_are_listed_and_killed_from_any_node_and_a_restart_loses_nothing, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_node_killed_hard_loses_its_seats_once_its_lease_lapses, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) postgres_stopped_and_started_during_a_storm, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) the_last_node_started_sets_the_limits_and_a_differing_node_says_so, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) fail_open_admits_without_the_database_and_records_later, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_database_outage_longer_than_the_lease_ends_no_live_session, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+    ]
+}
