@@ -60,6 +60,7 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
         ("remote_addr", &req.remote_addr),
         ("tunnel_ip", &req.tunnel_ip),
         ("session_key", &req.session_key),
+        ("device_id", &req.device_id),
     ];
     for (name, value) in fields {
         if value.len() > MAX_FIELD_LEN {
@@ -90,7 +91,7 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
             "Neither `username` nor `common_name` is given.",
         ));
     }
-    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() {
+    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() && req.device_id.is_empty() {
         return Err(deny(
             Reason::BadRequest,
             "Field `cert_sha256` is missing: the device cannot be identified.",
@@ -140,17 +141,27 @@ pub fn evaluate(
     today: NaiveDate,
 ) -> Result<Admission, Denial> {
     validate_request(req)?;
-    let device = check_device(req, rules, registry, today, true)?;
+    let device = check_device(req, rules, registry, today, reports_hwaddr(req))?;
     check_person(req.identity(), &req.zone, rules, registry, device)
 }
 
+/// Whether the request's VPN can report a hardware address at all: strongSwan and ocserv never
+/// do, so the hardware-address rule does not apply to them (a registered address is not a
+/// mismatch there).
+fn reports_hwaddr(req: &ConnectRequest) -> bool {
+    !matches!(req.vpn.as_str(), "strongswan" | "ocserv")
+}
+
 /// The registry entry a request names: by certificate fingerprint, else (where configured) by
-/// serial.
+/// serial, else (a request with neither) by the inventory id a certificate field carried.
 pub fn find_device<'r>(
     req: &ConnectRequest,
     rules: &Rules,
     registry: &'r Registry,
 ) -> Option<&'r Device> {
+    if req.cert_sha256.is_empty() && req.cert_serial.is_empty() {
+        return registry.device_by_id(&req.device_id);
+    }
     let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
     by_fp.or_else(|| {
         if rules.policy.match_serial {

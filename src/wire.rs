@@ -145,6 +145,12 @@ pub struct ConnectRequest {
     pub tunnel_ip: String,
     /// The VPN's own key for the session.
     pub session_key: String,
+    /// The device's inventory id, where the VPN identifies the device by a certificate field
+    /// naming it rather than by the certificate's fingerprint (ocserv's `cert-user-oid` /
+    /// `cert-group-oid`, strongSwan's certificate round). Used only when neither `cert_sha256`
+    /// nor `cert_serial` is given.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
 }
 
 impl ConnectRequest {

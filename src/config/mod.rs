@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+mod native;
 mod raw;
 mod validate;
+
+pub use native::{DEFAULT_OCCTL, DEFAULT_VICI, OcservInstance, StrongswanInstance};
 
 use raw::RawConfig;
 use validate::validate;
@@ -44,6 +47,10 @@ pub struct Config {
     pub links: Vec<Link>,
     /// OpenVPN server instances on this host.
     pub openvpn: Vec<OpenvpnInstance>,
+    /// strongSwan (charon) instances on this host, watched over VICI.
+    pub strongswan: Vec<StrongswanInstance>,
+    /// ocserv instances on this host.
+    pub ocserv: Vec<OcservInstance>,
     /// The audit log.
     pub audit: AuditConfig,
 }

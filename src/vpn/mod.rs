@@ -1,5 +1,6 @@
 //! VPN server integrations.
 
+pub mod ocserv;
 pub mod openvpn;
 pub mod radius;
 
@@ -11,7 +12,8 @@ use tokio::task::JoinSet;
 use crate::app::App;
 use crate::config::Config;
 
-/// Starts the VPN integrations the config names (OpenVPN management clients).
+/// Starts the VPN integrations the config names (OpenVPN management clients, ocserv's occtl
+/// watchers, strongSwan VICI clients).
 pub fn spawn_all(
     config: &Config,
     app: Arc<App>,
@@ -26,5 +28,12 @@ pub fn spawn_all(
                 shutdown.clone(),
             ));
         }
+    }
+    for instance in &config.ocserv {
+        tasks.spawn(ocserv::occtl::run(
+            instance.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
     }
 }

@@ -73,6 +73,7 @@ pub fn connect_request(env: &HashMap<String, String>, s: &HookSettings) -> Conne
         remote_addr: remote_addr(env),
         tunnel_ip: get(env, "ifconfig_pool_remote_ip").to_string(),
         session_key: session_key(env),
+        device_id: String::new(),
     }
 }
 
