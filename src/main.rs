@@ -318,9 +318,22 @@ fn main() -> ExitCode {
     {
         return ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8);
     }
-    if argv.get(1).is_some_and(|a| a == "hook")
-        && argv.get(2).is_some_and(|a| a == "ocserv")
-        && let Some(opts) = hook::ocserv::fast_args(&argv[3..], |k| std::env::var(k).ok())
+    // ocserv runs its scripts with no arguments: a link named `pforte-hook-ocserv` to this
+    // binary is `pforte hook ocserv` with its settings from the environment (PFORTE_*).
+    let as_ocserv_hook = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == hook::ocserv::LINK_NAME);
+    let ocserv_args = if as_ocserv_hook {
+        argv.get(1..)
+    } else if argv.get(1).is_some_and(|a| a == "hook") && argv.get(2).is_some_and(|a| a == "ocserv")
+    {
+        argv.get(3..)
+    } else {
+        None
+    };
+    if let Some(args) = ocserv_args
+        && let Some(opts) = hook::ocserv::fast_args(args, |k| std::env::var(k).ok())
     {
         return ExitCode::from(hook::ocserv::run(&opts, &hook::environment()) as u8);
     }

@@ -13,6 +13,10 @@ use crate::client::request_once;
 use crate::vpn::ocserv::{self, DeviceField, OcservSettings};
 use crate::wire::ConnectResponse;
 
+/// The name under which the binary, called through a link, is `pforte hook ocserv` (ocserv
+/// passes a script no arguments).
+pub const LINK_NAME: &str = "pforte-hook-ocserv";
+
 /// Default instance name of `pforte hook ocserv`.
 pub const DEFAULT_INSTANCE: &str = "ocserv";
 

@@ -16,6 +16,7 @@ mod hostile;
 mod lifecycle;
 mod limits;
 mod monitoring_e2e;
+mod ocserv_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
@@ -35,6 +36,7 @@ fn main() -> std::process::ExitCode {
         lifecycle::tests(),
         limits::tests(),
         monitoring_e2e::tests(),
+        ocserv_e2e::tests(),
         openvpn_e2e::tests(),
         openvpn_mgmt_e2e::tests(),
         ops::tests(),

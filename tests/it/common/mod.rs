@@ -6,6 +6,7 @@
 #[path = "../../support/daemon.rs"]
 pub mod daemon;
 pub mod harness;
+pub mod ocserv;
 pub mod openvpn;
 
 use std::fmt::Write as _;
