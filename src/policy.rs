@@ -153,7 +153,8 @@ fn reports_hwaddr(req: &ConnectRequest) -> bool {
 }
 
 /// The registry entry a request names: by certificate fingerprint, else (where configured) by
-/// serial, else (a request with neither) by the inventory id a certificate field carried.
+/// serial, else by the inventory id a certificate field carried (alone, or for an entry that
+/// pins no fingerprint).
 pub fn find_device<'r>(
     req: &ConnectRequest,
     rules: &Rules,
@@ -163,13 +164,20 @@ pub fn find_device<'r>(
         return registry.device_by_id(&req.device_id);
     }
     let by_fp = parse_sha256(&req.cert_sha256).and_then(|fp| registry.device_by_sha256(&fp));
-    by_fp.or_else(|| {
-        if rules.policy.match_serial {
-            normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
-        } else {
-            None
-        }
-    })
+    by_fp
+        .or_else(|| {
+            if rules.policy.match_serial {
+                normalize_serial(&req.cert_serial).and_then(|s| registry.device_by_serial(&s))
+            } else {
+                None
+            }
+        })
+        .or_else(|| {
+            // A certificate field named the device too (strongSwan): its entry counts only if
+            // it pins no fingerprint, for a pinned one did not match this certificate.
+            let d = registry.device_by_id(&req.device_id)?;
+            d.cert_sha256.is_empty().then_some(d)
+        })
 }
 
 /// The device checks alone (registered, hardware address, private, status, encryption,

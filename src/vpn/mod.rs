@@ -3,6 +3,7 @@
 pub mod ocserv;
 pub mod openvpn;
 pub mod radius;
+pub mod strongswan;
 
 use std::sync::Arc;
 
@@ -28,6 +29,13 @@ pub fn spawn_all(
                 shutdown.clone(),
             ));
         }
+    }
+    for instance in &config.strongswan {
+        tasks.spawn(strongswan::watch::run(
+            instance.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
     }
     for instance in &config.ocserv {
         tasks.spawn(ocserv::occtl::run(
