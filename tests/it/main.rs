@@ -22,6 +22,7 @@ mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
 mod revocation;
+mod strongswan_e2e;
 
 fn main() -> std::process::ExitCode {
     let cases = [
@@ -42,6 +43,7 @@ fn main() -> std::process::ExitCode {
         ops::tests(),
         radius_codec::tests(),
         revocation::tests(),
+        strongswan_e2e::tests(),
     ];
     common::harness::main(cases.into_iter().flatten().collect())
 }

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod harness;
 pub mod ocserv;
 pub mod openvpn;
+pub mod strongswan;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
