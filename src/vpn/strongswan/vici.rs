@@ -399,4 +399,49 @@ mod tests {
                 .is_err()
         );
     }
+
+    fn seed() -> Vec<u8> {
+        let sa = Message(vec![
+            ("uniqueid".into(), Value::Str(b"1".to_vec())),
+            (
+                "remote-vips".into(),
+                Value::List(vec![b"10.99.1.1".to_vec()]),
+            ),
+            (
+                "child-sas".into(),
+                Value::Section(Message::new().kv("bytes-in", "5")),
+            ),
+        ]);
+        let m = Message(vec![("rw".into(), Value::Section(sa))]);
+        Packet::Event("ike-updown".into(), m).encode().unwrap()
+    }
+
+    fn round_trip_holds(body: &[u8]) {
+        if let Ok(p) = Packet::decode(body) {
+            let again = p.encode().unwrap();
+            assert_eq!(Packet::decode(&again[4..]).unwrap(), p);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_without_panic_and_round_trip(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            round_trip_holds(&body);
+        }
+
+        #[test]
+        fn mutated_packets_decode_without_panic_and_round_trip(
+            edits in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 1..6),
+            cut in 0usize..200,
+        ) {
+            let mut bytes = seed();
+            for (at, b) in edits {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+            let body = &bytes[4..];
+            round_trip_holds(&body[..cut.min(body.len())]);
+            round_trip_holds(body);
+        }
+    }
 }
