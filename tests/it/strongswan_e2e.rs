@@ -259,10 +259,51 @@ fn strongswan_daemon_restart_reconciles_the_sessions() {
     a.ping("56", "2").unwrap();
 }
 
+/// charon stops and starts again: pforte notices the VICI socket gone
+/// (`pforte_vpn_control_connected` 0), reconnects with backoff, reaps the session that died with
+/// charon, and decides a new connect as before.
+fn strongswan_vici_socket_gone_reconnects() {
+    let pki = RsaPki::create();
+    let cert = pki.client("NB-IT-0031");
+    let row = dev(&cert, "NB-IT-0031", "alice", |d| d);
+    let mut rig = Rig::start(pki, std::slice::from_ref(&row));
+    let c = rig.client(&cert, "alice", None);
+    rig.up(&c);
+    assert_eq!(rig.seats_used(), 1.0);
+    let connected =
+        format!("pforte_vpn_control_connected{{vpn=\"strongswan\",vpn_instance=\"{INSTANCE}\"}}");
+    rig.server.stop_charon();
+    wait_for(
+        "pforte to notice the socket gone",
+        Duration::from_secs(10),
+        || rig.metric(&connected) == 0.0,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    rig.server.start_charon().unwrap();
+    wait_for("pforte to reconnect", Duration::from_secs(20), || {
+        rig.metric(&connected) == 1.0
+    });
+    // The IKE_SA died with charon: its session is reaped once past the grace.
+    wait_for(
+        "the dead IKE_SA's session to be reaped",
+        Duration::from_secs(20),
+        || rig.seats_used() == 0.0,
+    );
+    let again = rig.client(&cert, "alice", None);
+    rig.up(&again);
+    wait_for(
+        "the new IKE_SA to be admitted",
+        Duration::from_secs(5),
+        || rig.seats_used() == 1.0,
+    );
+    again.ping("56", "2").unwrap();
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(strongswan_admits_a_managed_device_and_terminates_each_refusal, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_device_blocked_by_a_reload_is_terminated, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
+        trial!(strongswan_vici_socket_gone_reconnects, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_daemon_restart_reconciles_the_sessions, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
     ]
 }

@@ -106,7 +106,20 @@ struct Charon {
 
 impl Charon {
     fn start(ns: &str, dir: tempfile::TempDir) -> Result<Charon, String> {
-        let d = dir.path();
+        let mut charon = Charon { child: None, dir };
+        charon.spawn(ns)?;
+        Ok(charon)
+    }
+
+    /// Stops charon (its VICI socket goes away).
+    fn stop(&mut self) {
+        let pid = self.dir.path().join("run/charon.pid");
+        stop_process(&mut self.child, &pid, Duration::from_secs(5));
+        let _ = fs::remove_file(self.vici());
+    }
+
+    fn spawn(&mut self, ns: &str) -> Result<(), String> {
+        let d = self.dir.path();
         fs::create_dir_all(d.join("run")).map_err(|e| e.to_string())?;
         fs::write(
             d.join("strongswan.conf"),
@@ -133,18 +146,15 @@ impl Charon {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("start charon: {e}"))?;
-        let charon = Charon {
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !charon.vici().exists() {
+        while !self.vici().exists() {
             if Instant::now() > deadline {
-                return Err(format!("charon did not come up:\n{}", charon.log()));
+                return Err(format!("charon did not come up:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(charon)
+        Ok(())
     }
 
     fn vici(&self) -> PathBuf {
@@ -232,6 +242,17 @@ impl SwanServer {
     /// charon's VICI socket.
     pub fn vici(&self) -> PathBuf {
         self.charon.vici()
+    }
+
+    /// Stops the server's charon: its VICI socket is gone.
+    pub fn stop_charon(&mut self) {
+        self.charon.stop();
+    }
+
+    /// Starts the server's charon again with the same config.
+    pub fn start_charon(&mut self) -> Result<(), String> {
+        self.charon.spawn(self.ns.name())?;
+        self.charon.swanctl(&["--load-all", "--noprompt"]).map(drop)
     }
 
     pub fn log(&self) -> String {
