@@ -377,6 +377,13 @@ impl SwanClient {
         Ok(t0.elapsed())
     }
 
+    /// Ends the client's IKE_SA (`swanctl --terminate --ike home`).
+    pub fn terminate(&self) -> Result<(), String> {
+        self.charon
+            .swanctl(&["--terminate", "--ike", "home", "--timeout", "10"])
+            .map(drop)
+    }
+
     /// Whether the client has an IKE_SA.
     pub fn has_sa(&self) -> bool {
         self.charon
