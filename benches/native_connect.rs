@@ -22,9 +22,19 @@
 //! `swanctl --initiate` (IKE_SA with certificate and EAP-MD5, and the CHILD_SA) until it
 //! returns; then `--terminate`. pforte is not in charon's path: the figures should agree within
 //! noise. Then `--refusals K` unregistered devices against the pforte server: the window from
-//! the `ike-updown` event to charon's answer to `terminate`, from pforte's log.
+//! the `ike-updown` event to charon's answer to `terminate`, from pforte's log. With
+//! `--log-listener` a `swanctl --log` listens on the `none` server, to tell what charon's log
+//! stream (which pforte reads for the certificate round) costs from what pforte's own work on
+//! the shared cores costs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code, unused_macros, unused_imports)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code,
+    unused_macros,
+    unused_imports
+)]
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -46,6 +56,8 @@ struct Args {
     rounds: usize,
     refusals: usize,
     only: Option<String>,
+    /// A `swanctl --log` listener on the `none` server (what charon's log stream alone costs).
+    log_listener: bool,
 }
 
 fn args() -> Args {
@@ -54,6 +66,7 @@ fn args() -> Args {
         rounds: 3,
         refusals: 20,
         only: None,
+        log_listener: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -63,6 +76,7 @@ fn args() -> Args {
             "--rounds" => a.rounds = it.next().unwrap().parse().unwrap(),
             "--refusals" => a.refusals = it.next().unwrap().parse().unwrap(),
             "--only" => a.only = it.next().cloned(),
+            "--log-listener" => a.log_listener = true,
             _ => {} // `--bench` from cargo
         }
     }
@@ -216,6 +230,19 @@ fn strongswan_bench(a: &Args) {
         2 * clients.len(),
         setup.elapsed()
     );
+    let _listener = a.log_listener.then(|| {
+        std::process::Command::new("swanctl")
+            .args(["--log", "--uri"])
+            .arg(format!("unix://{}", none.vici().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .unwrap()
+    });
+    if a.log_listener {
+        println!("  a `swanctl --log` listener is attached to the `none` server");
+    }
     let servers = [&none, &pf];
     let names = ["none", "pforte"];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); 2];
@@ -273,6 +300,15 @@ fn strongswan_bench(a: &Args) {
         .collect();
     if !windows.is_empty() {
         stats("refusal window (up → terminated)", &mut windows);
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
