@@ -132,9 +132,9 @@ impl Rig {
 }
 
 /// A managed device gets in, pings through the tunnel, and the bytes of the transfer reach
-/// `/metrics` (live from occtl, then final from the disconnect-script); the private, lost,
-/// unencrypted device and the user above the remote ceiling are refused by the
-/// connect-script before admission, each with its reason.
+/// `/metrics` (live from occtl); the private, lost, unencrypted device and the user above the
+/// remote ceiling are refused by the connect-script before admission, each with its reason; an
+/// operator's `pforte kill` ends the tunnel through occtl.
 fn ocserv_admits_a_managed_device_and_refuses_each_reason() {
     let (dir, pki) = Rig::pki();
     let good = Peer::new(&pki, "NB-IT-0001", "alice", |d| d);
@@ -188,13 +188,18 @@ fn ocserv_admits_a_managed_device_and_refuses_each_reason() {
     }
     assert_eq!(rig.seats_used(), 1.0);
 
-    // The managed device leaves: the disconnect-script frees the seat with the final bytes.
-    let id =
-        serde_json::from_str::<serde_json::Value>(&rig.server.users().unwrap()).unwrap()[0]["ID"]
-            .as_u64()
-            .unwrap();
-    drop(client.wait_exit(Duration::ZERO));
-    crate::common::openvpn::signal(&[id as u32], "TERM");
+    // The operator ends the session (`pforte kill`): `occtl disconnect id` drops the client.
+    let out = std::process::Command::new(bin())
+        .args(["kill", "--socket"])
+        .arg(rig.fixture.socket())
+        .args(["--device", "NB-IT-0001"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let code = client
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig.context()));
+    assert_ne!(code, Some(0));
     wait_for("the seat to be freed", Duration::from_secs(15), || {
         rig.seats_used() == 0.0
     });

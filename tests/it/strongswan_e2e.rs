@@ -260,8 +260,8 @@ fn strongswan_daemon_restart_reconciles_the_sessions() {
 }
 
 /// charon stops and starts again: pforte notices the VICI socket gone
-/// (`pforte_vpn_control_connected` 0), reconnects with backoff, reaps the session that died with
-/// charon, and decides a new connect as before.
+/// (`pforte_vpn_control_connected` 0), reconnects with backoff, ends the session that died with
+/// charon, and decides a new connect as before; an operator's `pforte kill` terminates it.
 fn strongswan_vici_socket_gone_reconnects() {
     let pki = RsaPki::create();
     let cert = pki.client("NB-IT-0031");
@@ -297,6 +297,20 @@ fn strongswan_vici_socket_gone_reconnects() {
         || rig.seats_used() == 1.0,
     );
     again.ping("56", "2").unwrap();
+    // The operator ends the session (`pforte kill`): `terminate` ends the IKE_SA.
+    let out = std::process::Command::new(bin())
+        .args(["kill", "--socket"])
+        .arg(rig.fixture.socket())
+        .args(["--device", "NB-IT-0031"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        "the killed IKE_SA to be terminated",
+        Duration::from_secs(10),
+        || rig.server.sa_count() == 0,
+    );
+    assert_eq!(rig.seats_used(), 0.0);
 }
 
 pub fn tests() -> Vec<Case> {
