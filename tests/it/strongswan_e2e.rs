@@ -190,14 +190,26 @@ fn strongswan_admits_a_managed_device_and_terminates_each_refusal() {
     good.ping("56", "2").unwrap();
 }
 
-/// A connected device found lost by a registry reload is terminated.
-fn strongswan_device_blocked_by_a_reload_is_terminated() {
+/// A connected device keeps its session across an IKE rekey, and is terminated once a registry
+/// reload finds it lost.
+fn strongswan_rekeyed_then_blocked_by_a_reload_is_terminated() {
     let pki = RsaPki::create();
     let cert = pki.client("NB-IT-0011");
     let row = dev(&cert, "NB-IT-0011", "alice", |d| d);
     let rig = Rig::start(pki, std::slice::from_ref(&row));
     let c = rig.client(&cert, "alice", None);
     rig.up(&c);
+    c.ping("56", "2").unwrap();
+    // The IKE_SA is rekeyed (a new unique id): the session moves with it, is neither reaped
+    // (past the 10 s grace) nor sent back through the gate, and the kill below finds it.
+    let before = rig.server.ike_id_of(&c.ip).unwrap();
+    rig.server.rekey(&before).unwrap();
+    wait_for("the rekeyed IKE_SA", Duration::from_secs(10), || {
+        rig.server.ike_id_of(&c.ip).is_some_and(|id| id != before)
+    });
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(rig.seats_used(), 1.0, "{}", rig.context());
+    assert!(c.has_sa());
     c.ping("56", "2").unwrap();
     rig.fixture.write_devices(&[Dev {
         status: "lost",
@@ -316,7 +328,7 @@ fn strongswan_vici_socket_gone_reconnects() {
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(strongswan_admits_a_managed_device_and_terminates_each_refusal, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
-        trial!(strongswan_device_blocked_by_a_reload_is_terminated, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
+        trial!(strongswan_rekeyed_then_blocked_by_a_reload_is_terminated, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_vici_socket_gone_reconnects, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_daemon_restart_reconciles_the_sessions, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
     ]

@@ -3,8 +3,9 @@
 //! and every `status_interval`); `terminate` for revoked devices and operator kills; the socket
 //! gone: reconnect with backoff, as the OpenVPN management client does.
 //!
-//! Two connections to charon: one registered for events (`ike-updown`, `child-updown`,
-//! `child-rekey`, `log`), read by its own task; one for commands (`list-sas`, `list-certs`,
+//! Two connections to charon: one registered for events (`ike-updown`, `ike-rekey` (a rekeyed
+//! IKE_SA has a new unique id: the session moves to it), `child-updown`, `child-rekey`, `log`),
+//! read by its own task; one for commands (`list-sas`, `list-certs`,
 //! `terminate`), used in turn by this task.
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +25,13 @@ use crate::state::unix_now;
 use crate::wire::DisconnectRequest;
 
 /// The events pforte registers for.
-const EVENTS: [&str; 4] = ["ike-updown", "child-updown", "child-rekey", "log"];
+const EVENTS: [&str; 5] = [
+    "ike-updown",
+    "ike-rekey",
+    "child-updown",
+    "child-rekey",
+    "log",
+];
 /// How long an IKE_SA reported up waits for its certificate round's log line (charon's logger
 /// sends from its own job, so the line may come just after the `ike-updown`).
 const IDENTITY_WAIT: Duration = Duration::from_millis(300);
@@ -230,6 +237,15 @@ impl Watcher<'_> {
                     }
                 }
             }
+            "ike-rekey" => {
+                for (name, sa) in m.sections() {
+                    let old = sa.section("old").and_then(|o| IkeSa::from_section(name, o));
+                    let new = sa.section("new").and_then(|n| IkeSa::from_section(name, n));
+                    if let (Some(old), Some(new)) = (old, new) {
+                        self.rekeyed(&old, &new);
+                    }
+                }
+            }
             "child-updown" | "child-rekey" => {
                 for sa in IkeSa::all_in(m) {
                     self.observe(&sa, false);
@@ -250,6 +266,23 @@ impl Watcher<'_> {
         book.observe(&sa.children, complete);
         let (i, o) = book.total();
         self.app.sessions.update_bytes(&sel, i, o);
+    }
+
+    /// An IKE_SA was rekeyed: the new one (a new unique id, the same CHILD_SAs) carries the
+    /// session on.
+    fn rekeyed(&mut self, old: &IkeSa, new: &IkeSa) {
+        let (old_key, new_key) = (old.key(), new.key());
+        if let Some(identity) = self.identities.remove(&old.uniqueid) {
+            self.identities.insert(new.uniqueid, identity);
+        }
+        let Some(session) = self.app.sessions.get(&self.selector(&old_key)) else {
+            return;
+        };
+        self.app.sessions.rekey(&session.id, &new_key);
+        if let Some(book) = self.books.remove(&old_key) {
+            self.books.insert(new_key, book);
+        }
+        tracing::debug!(instance = %self.inst.instance, old = old.uniqueid, new = new.uniqueid, "IKE_SA rekeyed");
     }
 
     /// An IKE_SA went down: the session ends with its final bytes.

@@ -278,8 +278,13 @@ impl SwanServer {
             .lines()
             .find(|l| l.contains(&needle))?
             .split_whitespace()
-            .find_map(|w| w.strip_prefix("uniqueid="))
+            .find_map(|w| w.trim_start_matches('{').strip_prefix("uniqueid="))
             .map(str::to_string)
+    }
+
+    /// Rekeys an IKE_SA by its unique id.
+    pub fn rekey(&self, ike_id: &str) -> Result<String, String> {
+        self.charon.swanctl(&["--rekey", "--ike-id", ike_id])
     }
 
     /// Terminates an IKE_SA by its unique id.
