@@ -283,10 +283,43 @@ fn ocserv_daemon_restart_reconciles_the_sessions() {
     rig.ping(&a, "56", "2").unwrap();
 }
 
+/// The daemon's store lost (a new disk): restarted without it, the daemon finds ocserv's users
+/// without sessions and decides them (seen at two passes in a row): the good device is adopted
+/// (a seat again), the device the registry now blocks is disconnected.
+fn ocserv_lost_state_is_rebuilt_from_occtl() {
+    let (dir, pki) = Rig::pki();
+    let a = Peer::new(&pki, "NB-IT-0041", "alice", |d| d);
+    let b = Peer::new(&pki, "NB-IT-0042", "bob", |d| d);
+    let mut rig = Rig::start(dir, &pki, &[&a, &b]);
+    let _ca = rig.up(&a);
+    let mut cb = rig.up(&b);
+    rig.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    rig.daemon.wait_exit(Duration::from_secs(5));
+    std::fs::remove_dir_all(rig.fixture.path("state")).unwrap();
+    rig.fixture.write_devices(&[
+        a.dev.clone(),
+        Dev {
+            status: "stolen",
+            ..b.dev.clone()
+        },
+    ]);
+    rig.daemon = rig.fixture.start();
+    let code = cb
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig.context()));
+    assert_ne!(code, Some(0));
+    wait_for("a adopted", Duration::from_secs(10), || {
+        rig.seats_used() == 1.0
+    });
+    assert_eq!(rig.deny_count("device_blocked"), 1.0, "{}", rig.context());
+    rig.ping(&a, "56", "2").unwrap();
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(ocserv_admits_a_managed_device_and_refuses_each_reason, needs: [Need::OpenVpn, Need::Tool("ocserv", "ocserv"), Need::Tool("openconnect", "openconnect")]),
         trial!(ocserv_device_blocked_by_a_reload_loses_its_tunnel, needs: [Need::OpenVpn, Need::Tool("ocserv", "ocserv"), Need::Tool("openconnect", "openconnect")]),
+        trial!(ocserv_lost_state_is_rebuilt_from_occtl, needs: [Need::OpenVpn, Need::Tool("ocserv", "ocserv"), Need::Tool("openconnect", "openconnect")]),
         trial!(ocserv_daemon_restart_reconciles_the_sessions, needs: [Need::OpenVpn, Need::Tool("ocserv", "ocserv"), Need::Tool("openconnect", "openconnect")]),
     ]
 }
