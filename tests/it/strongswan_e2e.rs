@@ -325,11 +325,40 @@ fn strongswan_vici_socket_gone_reconnects() {
     assert_eq!(rig.seats_used(), 0.0);
 }
 
+/// The daemon's store lost: restarted without it, the daemon finds an established IKE_SA with
+/// no session; its certificate round cannot be read any more, so after two passes it is
+/// terminated (sent back through the gate), and no seat is counted for it.
+fn strongswan_lost_state_sends_unknown_sas_back_through_the_gate() {
+    let pki = RsaPki::create();
+    let cert = pki.client("NB-IT-0051");
+    let row = dev(&cert, "NB-IT-0051", "alice", |d| d);
+    let mut rig = Rig::start(pki, std::slice::from_ref(&row));
+    let c = rig.client(&cert, "alice", None);
+    rig.up(&c);
+    rig.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    rig.daemon.wait_exit(Duration::from_secs(5));
+    std::fs::remove_dir_all(rig.fixture.path("state")).unwrap();
+    rig.daemon = rig.fixture.start();
+    wait_for(
+        "the unknown IKE_SA to be terminated",
+        Duration::from_secs(15),
+        || rig.server.sa_count() == 0,
+    );
+    assert_eq!(rig.seats_used(), 0.0);
+    // Connecting again, it is decided as any new IKE_SA.
+    rig.up(&c);
+    wait_for("the new IKE_SA admitted", Duration::from_secs(5), || {
+        rig.seats_used() == 1.0
+    });
+    c.ping("56", "2").unwrap();
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(strongswan_admits_a_managed_device_and_terminates_each_refusal, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_rekeyed_then_blocked_by_a_reload_is_terminated, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_vici_socket_gone_reconnects, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
+        trial!(strongswan_lost_state_sends_unknown_sas_back_through_the_gate, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_daemon_restart_reconciles_the_sessions, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
     ]
 }
