@@ -25,7 +25,8 @@
 //! the `ike-updown` event to charon's answer to `terminate`, from pforte's log. With
 //! `--log-listener` a `swanctl --log` listens on the `none` server, to tell what charon's log
 //! stream (which pforte reads for the certificate round) costs from what pforte's own work on
-//! the shared cores costs.
+//! the shared cores costs; `--sa-listener` attaches `swanctl --monitor-sa` instead (charon's
+//! IKE_SA and CHILD_SA events).
 
 #![allow(
     clippy::unwrap_used,
@@ -56,8 +57,13 @@ struct Args {
     rounds: usize,
     refusals: usize,
     only: Option<String>,
-    /// A `swanctl --log` listener on the `none` server (what charon's log stream alone costs).
-    log_listener: bool,
+    /// A listener on the `none` server: `swanctl --log` (`--log-listener`: what charon's log
+    /// stream alone costs) or `swanctl --monitor-sa` (`--sa-listener`: what its IKE_SA and
+    /// CHILD_SA events cost).
+    listener: Option<&'static str>,
+    /// Start the server pforte watches first (a check that the order of creation is not what
+    /// differs).
+    pforte_first: bool,
 }
 
 fn args() -> Args {
@@ -66,7 +72,8 @@ fn args() -> Args {
         rounds: 3,
         refusals: 20,
         only: None,
-        log_listener: false,
+        listener: None,
+        pforte_first: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -76,7 +83,9 @@ fn args() -> Args {
             "--rounds" => a.rounds = it.next().unwrap().parse().unwrap(),
             "--refusals" => a.refusals = it.next().unwrap().parse().unwrap(),
             "--only" => a.only = it.next().cloned(),
-            "--log-listener" => a.log_listener = true,
+            "--log-listener" => a.listener = Some("--log"),
+            "--sa-listener" => a.listener = Some("--monitor-sa"),
+            "--pforte-first" => a.pforte_first = true,
             _ => {} // `--bench` from cargo
         }
     }
@@ -198,8 +207,13 @@ fn strongswan_bench(a: &Args) {
             ..Dev::good(&format!("NB-BEN-{i:04}"), USERS[i % 3])
         })
         .collect();
-    let none = SwanServer::start(&pki).unwrap();
-    let pf = SwanServer::start(&pki).unwrap();
+    let (none, pf) = if a.pforte_first {
+        let pf = SwanServer::start(&pki).unwrap();
+        (SwanServer::start(&pki).unwrap(), pf)
+    } else {
+        let none = SwanServer::start(&pki).unwrap();
+        (none, SwanServer::start(&pki).unwrap())
+    };
     let fixture = Fixture::new(
         Setup {
             per_user: 0,
@@ -230,9 +244,9 @@ fn strongswan_bench(a: &Args) {
         2 * clients.len(),
         setup.elapsed()
     );
-    let _listener = a.log_listener.then(|| {
+    let _listener = a.listener.map(|what| {
         std::process::Command::new("swanctl")
-            .args(["--log", "--uri"])
+            .args([what, "--uri"])
             .arg(format!("unix://{}", none.vici().display()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -240,8 +254,8 @@ fn strongswan_bench(a: &Args) {
             .map(KillOnDrop)
             .unwrap()
     });
-    if a.log_listener {
-        println!("  a `swanctl --log` listener is attached to the `none` server");
+    if let Some(what) = a.listener {
+        println!("  a `swanctl {what}` listener is attached to the `none` server");
     }
     let servers = [&none, &pf];
     let names = ["none", "pforte"];
