@@ -1,7 +1,8 @@
 //! `pforte hook openvpn`: run by OpenVPN as tls-verify, client-connect and client-disconnect
 //! script. One request to the daemon over the Unix socket, a dynamic config file on allow, exit
 //! 0 or 1. The daemon unreachable or slower than the timeout: refuse (fail closed), unless
-//! `--fail-open` says otherwise.
+//! `--fail-open` says otherwise. `pforte hook ocserv` ([`ocserv`]): ocserv's connect-script and
+//! disconnect-script.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::client::{ClientError, request_once};
 use crate::vpn::openvpn::{self, HookSettings};
 mod deferred;
+pub mod ocserv;
 
 use crate::wire::ConnectResponse;
 use deferred::{deferred_child, deferred_connect};

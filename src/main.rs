@@ -213,6 +213,56 @@ enum HookKind {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// ocserv connect-script / disconnect-script.
+    Ocserv {
+        /// The daemon's Unix socket.
+        #[arg(long, env = "PFORTE_SOCKET", default_value = hook::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Zone of this ocserv instance.
+        #[arg(long, env = "PFORTE_ZONE", default_value = "")]
+        zone: String,
+        /// Name of this ocserv instance.
+        #[arg(long, env = "PFORTE_INSTANCE", default_value = hook::ocserv::DEFAULT_INSTANCE)]
+        instance: String,
+        /// Time allowed for the daemon's answer, e.g. 2s or 500ms.
+        #[arg(long, env = "PFORTE_TIMEOUT", default_value = hook::DEFAULT_TIMEOUT, value_parser = hook::parse_duration)]
+        timeout: Duration,
+        /// Which variable carries the device's inventory id: groupname (ocserv's cert-group-oid)
+        /// or username (cert-user-oid). The same as `device_from` of the [[ocserv]] entry.
+        #[arg(long, env = "PFORTE_DEVICE_FROM", default_value = "groupname", value_parser = ["groupname", "username"])]
+        device_from: String,
+        /// Admit when the daemon cannot be asked (dangerous; the default refuses).
+        #[arg(long)]
+        fail_open: bool,
+    },
+}
+
+/// Runs a hook given in full (through clap).
+fn run_hook(vpn: HookKind) -> i32 {
+    match vpn {
+        HookKind::Ocserv {
+            socket,
+            zone,
+            instance,
+            timeout,
+            device_from,
+            fail_open,
+        } => {
+            let opts = hook::ocserv::OcservHookOptions {
+                socket,
+                settings: pforte::vpn::ocserv::OcservSettings {
+                    instance,
+                    zone,
+                    device_from: pforte::vpn::ocserv::DeviceField::parse(&device_from)
+                        .unwrap_or_default(),
+                },
+                timeout,
+                fail_open,
+            };
+            hook::ocserv::run(&opts, &hook::environment())
+        }
+        openvpn => hook::run_openvpn(&hook_options(openvpn), &hook::environment()),
+    }
 }
 
 fn hook_options(vpn: HookKind) -> hook::HookOptions {
@@ -225,7 +275,18 @@ fn hook_options(vpn: HookKind) -> hook::HookOptions {
         deferred,
         deferred_child,
         args,
-    } = vpn;
+    } = vpn
+    else {
+        return hook::HookOptions {
+            socket: PathBuf::from(hook::DEFAULT_SOCKET),
+            settings: HookSettings::default(),
+            timeout: Duration::from_secs(2),
+            fail_open: false,
+            args: Vec::new(),
+            deferred: false,
+            deferred_child: false,
+        };
+    };
     hook::HookOptions {
         socket,
         settings: HookSettings { instance, zone },
@@ -257,11 +318,28 @@ fn main() -> ExitCode {
     {
         return ExitCode::from(hook::run_openvpn(&opts, &hook::environment()) as u8);
     }
+    // ocserv runs its scripts with no arguments: a link named `pforte-hook-ocserv` to this
+    // binary is `pforte hook ocserv` with its settings from the environment (PFORTE_*).
+    let as_ocserv_hook = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == hook::ocserv::LINK_NAME);
+    let ocserv_args = if as_ocserv_hook {
+        argv.get(1..)
+    } else if argv.get(1).is_some_and(|a| a == "hook") && argv.get(2).is_some_and(|a| a == "ocserv")
+    {
+        argv.get(3..)
+    } else {
+        None
+    };
+    if let Some(args) = ocserv_args
+        && let Some(opts) = hook::ocserv::fast_args(args, |k| std::env::var(k).ok())
+    {
+        return ExitCode::from(hook::ocserv::run(&opts, &hook::environment()) as u8);
+    }
     let cli = Cli::parse();
     match cli.command {
-        Command::Hook { vpn } => {
-            ExitCode::from(hook::run_openvpn(&hook_options(vpn), &hook::environment()) as u8)
-        }
+        Command::Hook { vpn } => ExitCode::from(run_hook(vpn) as u8),
         Command::Sessions {
             daemon,
             filter,

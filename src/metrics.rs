@@ -88,6 +88,11 @@ pub struct Metrics {
     pub radius_disconnects: IntCounterVec,
     /// Accepted RADIUS sessions ended because their Accounting Start did not come, by client.
     pub radius_start_timeouts: IntCounterVec,
+    /// Control channel of a strongSwan (VICI) or ocserv (`occtl`) instance answering, by vpn
+    /// and instance.
+    pub vpn_control_connected: IntGaugeVec,
+    /// strongSwan: time from an IKE_SA coming up to its termination after a refusal.
+    pub strongswan_enforcement: HistogramVec,
     /// Cluster figures (PostgreSQL store only; registered by [`Metrics::enable_cluster`]).
     pub cluster: ClusterMetrics,
 }
@@ -236,7 +241,25 @@ impl Metrics {
             &["upstream"],
         )?;
         r.register(Box::new(radius_upstream_rtt.clone()))?;
+        let strongswan_enforcement = HistogramVec::new(
+            HistogramOpts::new(
+                "pforte_strongswan_enforcement_seconds",
+                "strongSwan: from a refused IKE_SA's ike-updown event to charon's answer to its terminate.",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["vpn_instance"],
+        )?;
+        r.register(Box::new(strongswan_enforcement.clone()))?;
         Ok(Metrics {
+            strongswan_enforcement,
+            vpn_control_connected: gauge_vec(
+                &r,
+                "pforte_vpn_control_connected",
+                "1 while strongSwan's VICI socket (vpn=strongswan) or ocserv's occtl (vpn=ocserv) answers.",
+                &["vpn", "vpn_instance"],
+            )?,
             decisions: counter_vec(
                 &r,
                 "pforte_decisions_total",

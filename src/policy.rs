@@ -62,6 +62,7 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
         ("session_key", &req.session_key),
         ("device_uid", &req.device_uid),
         ("hostname", &req.hostname),
+        ("device_id", &req.device_id),
     ];
     for (name, value) in fields {
         if value.len() > MAX_FIELD_LEN {
@@ -98,7 +99,8 @@ pub fn validate_request(req: &ConnectRequest) -> Result<(), Denial> {
     let identified = !(req.cert_sha256.is_empty()
         && req.cert_serial.is_empty()
         && req.device_uid.is_empty()
-        && req.hostname.is_empty());
+        && req.hostname.is_empty()
+        && req.device_id.is_empty());
     if !identified && req.vpn != "radius" {
         return Err(deny(
             Reason::BadRequest,
@@ -152,12 +154,20 @@ pub fn evaluate(
     if req.skip_device_checks {
         return check_person(req.identity(), &req.zone, rules, registry, None);
     }
-    let device = check_device(req, rules, registry, today, true)?;
+    let device = check_device(req, rules, registry, today, reports_hwaddr(req))?;
     check_person(req.identity(), &req.zone, rules, registry, Some(device))
 }
 
+/// Whether the request's VPN can report a hardware address at all: strongSwan and ocserv never
+/// do, so the hardware-address rule does not apply to them (a registered address is not a
+/// mismatch there).
+fn reports_hwaddr(req: &ConnectRequest) -> bool {
+    !matches!(req.vpn.as_str(), "strongswan" | "ocserv")
+}
+
 /// The device a request names: by certificate fingerprint, else serial (where configured),
-/// else the concentrator's device uid, else the host name.
+/// else the concentrator's device uid, else the host name, else the inventory id a certificate
+/// field carried (alone, or for an entry that pins no fingerprint).
 pub fn find_device<'r>(
     req: &ConnectRequest,
     rules: &Rules,
@@ -183,6 +193,14 @@ pub fn find_device<'r>(
             (!req.hostname.is_empty())
                 .then(|| registry.device_by_hostname(&req.hostname))
                 .flatten()
+        })
+        .or_else(|| {
+            // A certificate field named the device (ocserv, strongSwan). Alone it is the
+            // identity; beside a certificate (strongSwan) the entry counts only if it pins no
+            // fingerprint, for a pinned one did not match this certificate.
+            let d = registry.device_by_id(&req.device_id)?;
+            let alone = req.cert_sha256.is_empty() && req.cert_serial.is_empty();
+            (alone || d.cert_sha256.is_empty()).then_some(d)
         })
 }
 

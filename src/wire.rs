@@ -162,6 +162,12 @@ pub struct ConnectRequest {
     /// from JSON.
     #[serde(skip)]
     pub skip_device_checks: bool,
+    /// The device's inventory id, where the VPN identifies the device by a certificate field
+    /// naming it rather than by the certificate's fingerprint (ocserv's `cert-user-oid` /
+    /// `cert-group-oid`, strongSwan's certificate round). Used only when neither `cert_sha256`
+    /// nor `cert_serial` is given.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
 }
 
 impl ConnectRequest {

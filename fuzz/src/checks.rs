@@ -727,3 +727,45 @@ fn check_quote(s: &str) {
         "{q:?}"
     );
 }
+
+/// VICI packets from charon (`vpn::strongswan::vici`): a packet that decodes encodes again to
+/// one that decodes the same; the IKE_SAs of an event map to requests that name no device from
+/// `remote-id`.
+pub fn vici_packets(data: &[u8]) {
+    use pforte::vpn::strongswan::vici::Packet;
+    use pforte::vpn::strongswan::{IkeSa, Settings, connect_request, proven_identity};
+    let body = data.get(4..).unwrap_or(&[]);
+    let Ok(packet) = Packet::decode(body) else {
+        return;
+    };
+    let again = packet.encode().expect("a decoded packet encodes");
+    assert_eq!(
+        Packet::decode(&again[4..]).expect("an encoded packet decodes"),
+        packet,
+        "VICI round trip changed the packet"
+    );
+    if let Packet::Event(_, m) = &packet {
+        if let Some(msg) = m.str("msg") {
+            let _ = proven_identity(&msg);
+        }
+        for sa in IkeSa::all_in(m) {
+            let req = connect_request(&sa, None, None, &Settings::default());
+            assert!(req.device_id.is_empty() && req.common_name.is_empty());
+            assert_eq!(req.session_key, sa.key());
+        }
+    }
+}
+
+/// `occtl --json show users` output (`vpn::ocserv`): never a panic; every row maps to a request
+/// whose key is the row's.
+pub fn occtl_users(data: &[u8]) {
+    use pforte::vpn::ocserv::{OcservSettings, parse_users};
+    let text = String::from_utf8_lossy(data);
+    if let Ok(rows) = parse_users(&text) {
+        for row in rows {
+            let req = row.connect_request(&OcservSettings::default());
+            assert_eq!(req.session_key, row.key());
+            let _ = row.bytes();
+        }
+    }
+}

@@ -4,4 +4,7 @@
 
 mod checks;
 
-pub use checks::{api_bodies, config, mgmt_lines, openvpn_env, registry_csv, registry_json};
+pub use checks::{
+    api_bodies, config, mgmt_lines, occtl_users, openvpn_env, registry_csv, registry_json,
+    vici_packets,
+};

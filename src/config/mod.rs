@@ -9,16 +9,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+mod native;
 mod radius;
 mod raw;
 mod store;
 mod validate;
 
+pub use native::{DEFAULT_OCCTL, DEFAULT_VICI, OcservInstance, StrongswanInstance};
 #[cfg(test)]
 pub use radius::test_secret_value;
 pub use radius::{
     DeviceAttribute, MissingDevice, RadiusClient, RadiusConfig, RadiusUpstream, SecretValue, Vendor,
 };
+
 use raw::RawConfig;
 pub use store::{Backend, PostgresConfig};
 use validate::validate;
@@ -52,6 +55,10 @@ pub struct Config {
     pub links: Vec<Link>,
     /// OpenVPN server instances on this host.
     pub openvpn: Vec<OpenvpnInstance>,
+    /// strongSwan (charon) instances on this host, watched over VICI.
+    pub strongswan: Vec<StrongswanInstance>,
+    /// ocserv instances on this host.
+    pub ocserv: Vec<OcservInstance>,
     /// The audit log.
     pub audit: AuditConfig,
     /// The RADIUS front (`[radius]`), if configured.

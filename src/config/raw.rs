@@ -30,6 +30,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) openvpn: Vec<RawOpenvpn>,
     #[serde(default)]
+    pub(super) strongswan: Vec<super::native::RawStrongswan>,
+    #[serde(default)]
+    pub(super) ocserv: Vec<super::native::RawOcserv>,
+    #[serde(default)]
     pub(super) audit: RawAudit,
     pub(super) radius: Option<super::radius::RawRadius>,
 }

@@ -76,6 +76,8 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
     let links = validate_links(raw.links)?;
     let openvpn = validate_openvpn(raw.openvpn, &rules)?;
     let radius = super::radius::validate_radius(raw.radius, &rules)?;
+    let strongswan = super::native::validate_strongswan(raw.strongswan, &rules)?;
+    let ocserv = super::native::validate_ocserv(raw.ocserv, &rules)?;
     let audit = AuditConfig {
         path: raw.audit.path.map(PathBuf::from),
         pseudonymise_key_file: raw.audit.pseudonymise_key_file.map(PathBuf::from),
@@ -96,6 +98,8 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, Invalid> {
         rules,
         links,
         openvpn,
+        strongswan,
+        ocserv,
         audit,
         radius,
     })

@@ -753,3 +753,43 @@ fn recheck_decides_live_sessions_again_with_grace_and_the_blocked_only_switch() 
         Err(Reason::UnknownUser)
     );
 }
+
+#[test]
+fn device_named_by_a_certificate_field() {
+    // ocserv: no fingerprint, the inventory id from the certificate; no hardware address rule.
+    let by_id = ConnectRequest {
+        vpn: "ocserv".into(),
+        cert_sha256: String::new(),
+        hwaddr: String::new(),
+        device_id: "dev-1".into(),
+        ..request(1)
+    };
+    assert_eq!(
+        reason_of(good_device(1), by_id.clone()).unwrap().device_id,
+        "dev-1"
+    );
+    let unknown = ConnectRequest {
+        device_id: "dev-9".into(),
+        ..by_id.clone()
+    };
+    assert_eq!(
+        reason_of(good_device(1), unknown),
+        Err(Reason::UnregisteredDevice)
+    );
+    // strongSwan: a fingerprint and the id; an entry that pins another fingerprint is not
+    // found by the id, one that pins none is.
+    let both = ConnectRequest {
+        vpn: "strongswan".into(),
+        cert_sha256: fp_text(7),
+        ..by_id
+    };
+    assert_eq!(
+        reason_of(good_device(1), both.clone()),
+        Err(Reason::UnregisteredDevice)
+    );
+    let unpinned = Device {
+        cert_sha256: Box::new([]),
+        ..good_device(1)
+    };
+    assert_eq!(reason_of(unpinned, both).unwrap().device_id, "dev-1");
+}

@@ -1,7 +1,9 @@
 //! VPN server integrations.
 
+pub mod ocserv;
 pub mod openvpn;
 pub mod radius;
+pub mod strongswan;
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use crate::app::App;
 use crate::config::Config;
 
 /// Starts the VPN integrations the config names (OpenVPN management clients, the RADIUS front
-/// on its sockets bound beforehand).
+/// on its sockets bound beforehand, ocserv's occtl watchers, strongSwan VICI clients).
 pub fn spawn_all(
     config: &Config,
     radius: Option<radius::server::Sockets>,
@@ -31,5 +33,19 @@ pub fn spawn_all(
                 shutdown.clone(),
             ));
         }
+    }
+    for instance in &config.strongswan {
+        tasks.spawn(strongswan::watch::run(
+            instance.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
+    }
+    for instance in &config.ocserv {
+        tasks.spawn(ocserv::occtl::run(
+            instance.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
     }
 }

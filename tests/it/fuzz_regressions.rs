@@ -65,6 +65,14 @@ fn fuzz_mgmt_lines_inputs() {
     replay("mgmt_lines", checks::mgmt_lines);
 }
 
+fn fuzz_vici_packets_inputs() {
+    replay("vici_packets", checks::vici_packets);
+}
+
+fn fuzz_occtl_users_inputs() {
+    replay("occtl_users", checks::occtl_users);
+}
+
 /// The tests of this module, for the harness (`tests/it/main.rs`).
 pub fn tests() -> Vec<Case> {
     vec![
@@ -74,5 +82,7 @@ pub fn tests() -> Vec<Case> {
         trial!(fuzz_config_inputs),
         trial!(fuzz_api_bodies_inputs),
         trial!(fuzz_mgmt_lines_inputs),
+        trial!(fuzz_vici_packets_inputs),
+        trial!(fuzz_occtl_users_inputs),
     ]
 }

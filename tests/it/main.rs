@@ -18,6 +18,7 @@ mod hostile;
 mod lifecycle;
 mod limits;
 mod monitoring_e2e;
+mod ocserv_e2e;
 mod openvpn_e2e;
 mod openvpn_mgmt_e2e;
 mod ops;
@@ -25,6 +26,7 @@ mod radius_codec;
 mod radius_front;
 mod radius_upstream;
 mod revocation;
+mod strongswan_e2e;
 
 fn main() -> std::process::ExitCode {
     let cases = [
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
         lifecycle::tests(),
         limits::tests(),
         monitoring_e2e::tests(),
+        ocserv_e2e::tests(),
         openvpn_e2e::tests(),
         openvpn_mgmt_e2e::tests(),
         ops::tests(),
@@ -48,6 +51,7 @@ fn main() -> std::process::ExitCode {
         radius_front::tests(),
         radius_upstream::tests(),
         revocation::tests(),
+        strongswan_e2e::tests(),
     ];
     common::harness::main(cases.into_iter().flatten().collect())
 }

@@ -8,9 +8,11 @@ pub mod daemon;
 #[path = "../../support/freeradius.rs"]
 pub mod freeradius;
 pub mod harness;
+pub mod ocserv;
 pub mod openvpn;
 pub mod postgres;
 pub mod radclient;
+pub mod strongswan;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;

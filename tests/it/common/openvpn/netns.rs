@@ -190,7 +190,7 @@ pub fn cleanup_stale() -> Result<Vec<String>, String> {
     if let Ok(entries) = fs::read_dir(BASE_DIR) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = ["srv-", "cli-"]
+            let Some(pid) = ["srv-", "cli-", "ocs-", "occ-", "sws-", "swc-"]
                 .iter()
                 .find_map(|p| name.strip_prefix(p)?.split('-').next()?.parse::<u32>().ok())
             else {
@@ -199,11 +199,19 @@ pub fn cleanup_stale() -> Result<Vec<String>, String> {
             if !stale(pid) {
                 continue;
             }
-            if let Some(p) = read_pid(&entry.path().join("openvpn.pid")) {
-                let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                if comm.trim() == "openvpn" && pid_alive(p) {
-                    signal(&[p], "KILL");
-                    removed.push(format!("openvpn process {p} of {name}"));
+            // OpenVPN's, ocserv's (on the host) and charon's (the strongSwan rig) pid files.
+            for (file, programs) in [
+                ("openvpn.pid", &["openvpn"][..]),
+                ("ocserv.pid", &["ocserv", "ocserv-main"][..]),
+                ("run/charon.pid", &["charon"][..]),
+            ] {
+                if let Some(p) = read_pid(&entry.path().join(file)) {
+                    let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    let program = comm.trim();
+                    if programs.contains(&program) && pid_alive(p) {
+                        signal(&[p], "KILL");
+                        removed.push(format!("{program} process {p} of {name}"));
+                    }
                 }
             }
             if fs::remove_dir_all(entry.path()).is_ok() {

@@ -142,6 +142,28 @@ impl Pki {
         })
     }
 
+    /// Issues a client certificate with the subject `subj` (openssl's `/K=V/…` form) into
+    /// `<dir>/<name>.crt` / `.key`; returns the files and the SHA-256 fingerprint.
+    pub fn client_subject(
+        &self,
+        name: &str,
+        subj: &str,
+    ) -> Result<(PathBuf, PathBuf, String), String> {
+        let cert = self.dir.join(format!("{name}.crt"));
+        let key = self.dir.join(format!("{name}.key"));
+        self.make_cert(subj, "client", &key, &cert, true)?;
+        let mut c = Command::new(tool("openssl"));
+        c.args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(&cert);
+        let out = run(c)?;
+        let fp = out
+            .lines()
+            .find_map(|l| l.strip_prefix("sha256 Fingerprint="))
+            .map(|v| v.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("no fingerprint in openssl output: {out}"))?;
+        Ok((cert, key, fp))
+    }
+
     fn make_cert(
         &self,
         subj: &str,

@@ -14,7 +14,7 @@ pub fn write_script(path: &Path, body: &str) -> Result<PathBuf, String> {
     Ok(path.to_path_buf())
 }
 
-pub(super) fn next_id() -> u32 {
+pub fn next_id() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
@@ -25,7 +25,7 @@ pub(super) fn base_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-pub(super) fn work_dir(kind: &str, n: u32) -> Result<tempfile::TempDir, String> {
+pub fn work_dir(kind: &str, n: u32) -> Result<tempfile::TempDir, String> {
     tempfile::Builder::new()
         .prefix(&format!("{kind}-{}-{n}-", std::process::id()))
         .tempdir_in(base_dir()?)
@@ -43,7 +43,7 @@ pub(super) fn cmd_line(cmd: &Command) -> String {
 
 /// Runs a command to completion (bounded by `timeout`: killed after it) with optional stdin;
 /// `Ok(stdout)` on exit status 0, else `Err` with the command line, status and output.
-pub(super) fn run_bounded(
+pub fn run_bounded(
     mut cmd: Command,
     stdin: Option<&str>,
     timeout: Duration,
@@ -131,7 +131,7 @@ pub(super) fn ip_batch(netns: Option<&str>, batch: &str) -> Result<String, Strin
 }
 
 /// Whether `pid` names a live (non-zombie) process.
-pub(super) fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself contain ')'.
         Ok(stat) => {
@@ -143,7 +143,7 @@ pub(super) fn pid_alive(pid: u32) -> bool {
     }
 }
 
-pub(super) fn signal(pids: &[u32], sig: &str) {
+pub fn signal(pids: &[u32], sig: &str) {
     if pids.is_empty() {
         return;
     }
@@ -163,11 +163,7 @@ pub(super) fn read_pid(path: &Path) -> Option<u32> {
 
 /// SIGTERM the process (pid file, else the child), wait up to `grace`, then SIGKILL; reaps the
 /// child. Returns how long it took.
-pub(super) fn stop_process(
-    child: &mut Option<Child>,
-    pid_file: &Path,
-    grace: Duration,
-) -> Duration {
+pub fn stop_process(child: &mut Option<Child>, pid_file: &Path, grace: Duration) -> Duration {
     let t0 = Instant::now();
     let Some(mut ch) = child.take() else {
         return t0.elapsed();
@@ -194,7 +190,7 @@ pub(super) fn stop_process(
     t0.elapsed()
 }
 
-pub(super) fn read_lossy(path: &Path) -> String {
+pub fn read_lossy(path: &Path) -> String {
     fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
@@ -202,7 +198,7 @@ pub(super) fn read_lossy(path: &Path) -> String {
 
 /// Polls `path` until `needle` occurs at least `count` times (bounded by `timeout`). `abort` is
 /// checked on each round with the current text and may end the wait with an error.
-pub(super) fn wait_in_file(
+pub fn wait_in_file(
     path: &Path,
     needle: &str,
     count: usize,

@@ -108,7 +108,7 @@ pub(super) fn host_routes() -> Result<Vec<Ipv4Prefix>, String> {
 /// A reservation held by an exclusive `flock`; the kernel releases it when the file is closed or
 /// the process dies. The files are never deleted (deleting a lock file races with lockers).
 #[derive(Debug)]
-pub(super) struct Claim {
+pub struct Claim {
     _file: File,
 }
 
@@ -132,11 +132,7 @@ impl Claim {
 }
 
 /// Reserves the first `/len` subnet of `range` that no route overlaps and nobody has claimed.
-pub(super) fn claim_subnet(
-    kind: &str,
-    range: Ipv4Prefix,
-    len: u8,
-) -> Result<(Ipv4Prefix, Claim), String> {
+pub fn claim_subnet(kind: &str, range: Ipv4Prefix, len: u8) -> Result<(Ipv4Prefix, Claim), String> {
     let routes = host_routes()?;
     let slots = 1u32 << (len - range.len);
     for i in 0..slots {
