@@ -80,6 +80,16 @@ impl Rig {
         self.daemon.metric("pforte_seats_used").unwrap_or(-1.0)
     }
 
+    /// Waits (bounded) until `n` seats are used: pforte decides an IKE_SA after charon reports
+    /// it up, so right after `up` its session may be a few milliseconds away.
+    fn expect_seats(&self, n: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.seats_used() != n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(self.seats_used(), n, "{}", self.context());
+    }
+
     fn up(&self, c: &SwanClient) {
         if let Err(e) = c.initiate() {
             panic!(
@@ -146,7 +156,7 @@ fn strongswan_admits_a_managed_device_and_terminates_each_refusal() {
         .ping("1000", "20")
         .unwrap_or_else(|e| panic!("no ping through the tunnel: {e}\n{}", rig.context()));
     assert!(out.contains(" 0% packet loss"), "{out}");
-    assert_eq!(rig.seats_used(), 1.0, "{}", rig.context());
+    rig.expect_seats(1.0);
     let received = "pforte_session_received_bytes_total{org_unit=\"it\",zone=\"ipsec\"}";
     wait_for("live bytes from list-sas", Duration::from_secs(10), || {
         rig.metric(received) >= 20_000.0
@@ -186,7 +196,7 @@ fn strongswan_admits_a_managed_device_and_terminates_each_refusal() {
         "refusal window: mean {:.1} ms over {count}",
         sum / count * 1000.0
     );
-    assert_eq!(rig.seats_used(), 1.0, "{}", rig.context());
+    rig.expect_seats(1.0);
     good.ping("56", "2").unwrap();
 }
 
@@ -208,7 +218,7 @@ fn strongswan_rekeyed_then_blocked_by_a_reload_is_terminated() {
         rig.server.ike_id_of(&c.ip).is_some_and(|id| id != before)
     });
     std::thread::sleep(Duration::from_secs(12));
-    assert_eq!(rig.seats_used(), 1.0, "{}", rig.context());
+    rig.expect_seats(1.0);
     assert!(c.has_sa());
     c.ping("56", "2").unwrap();
     rig.fixture.write_devices(&[Dev {
@@ -227,7 +237,7 @@ fn strongswan_rekeyed_then_blocked_by_a_reload_is_terminated() {
         "{}",
         rig.context()
     );
-    assert_eq!(rig.seats_used(), 0.0);
+    rig.expect_seats(0.0);
 }
 
 /// The daemon killed (-9) with two clients up; one IKE_SA ends while it is down. Restarted,
@@ -244,7 +254,7 @@ fn strongswan_daemon_restart_reconciles_the_sessions() {
     let b = rig.client(&cb, "bob", None);
     rig.up(&a);
     rig.up(&b);
-    assert_eq!(rig.seats_used(), 2.0, "{}", rig.context());
+    rig.expect_seats(2.0);
     rig.daemon.signal(nix::sys::signal::Signal::SIGKILL);
     rig.daemon.wait_exit(Duration::from_secs(5));
     let id = rig.server.ike_id_of(&b.ip).unwrap();
@@ -281,7 +291,7 @@ fn strongswan_vici_socket_gone_reconnects() {
     let mut rig = Rig::start(pki, std::slice::from_ref(&row));
     let c = rig.client(&cert, "alice", None);
     rig.up(&c);
-    assert_eq!(rig.seats_used(), 1.0);
+    rig.expect_seats(1.0);
     let connected =
         format!("pforte_vpn_control_connected{{vpn=\"strongswan\",vpn_instance=\"{INSTANCE}\"}}");
     rig.server.stop_charon();
@@ -322,7 +332,7 @@ fn strongswan_vici_socket_gone_reconnects() {
         Duration::from_secs(10),
         || rig.server.sa_count() == 0,
     );
-    assert_eq!(rig.seats_used(), 0.0);
+    rig.expect_seats(0.0);
 }
 
 /// The daemon's store lost: restarted without it, the daemon finds an established IKE_SA with
@@ -344,7 +354,7 @@ fn strongswan_lost_state_sends_unknown_sas_back_through_the_gate() {
         Duration::from_secs(15),
         || rig.server.sa_count() == 0,
     );
-    assert_eq!(rig.seats_used(), 0.0);
+    rig.expect_seats(0.0);
     // Connecting again, it is decided as any new IKE_SA.
     rig.up(&c);
     wait_for("the new IKE_SA admitted", Duration::from_secs(5), || {
