@@ -450,9 +450,8 @@ impl App {
             .sessions
             .list()
             .into_iter()
-            // A session without a device (device checks skipped by configuration) has none
-            // to revoke.
-            .filter(|s| !s.device_id.is_empty())
+            // A session without a device (device checks skipped by configuration) is
+            // re-decided on the person alone (`policy::recheck`).
             .filter_map(|s| {
                 let live = policy::Live {
                     device_id: &s.device_id,

@@ -24,6 +24,7 @@ mod openvpn_mgmt_e2e;
 mod ops;
 mod radius_codec;
 mod radius_front;
+mod radius_ocserv_e2e;
 mod radius_upstream;
 mod revocation;
 mod strongswan_e2e;
@@ -49,6 +50,7 @@ fn main() -> std::process::ExitCode {
         ops::tests(),
         radius_codec::tests(),
         radius_front::tests(),
+        radius_ocserv_e2e::tests(),
         radius_upstream::tests(),
         revocation::tests(),
         strongswan_e2e::tests(),

@@ -48,6 +48,19 @@ pub enum Script {
     None,
 }
 
+/// Where an ocserv with `auth = radius` and `acct = radius` sends its requests (radcli): a
+/// RADIUS server on 127.0.0.1 (pforte's front), its ports and the shared secret.
+pub struct RadiusNas {
+    pub auth_port: u16,
+    pub acct_port: u16,
+    pub secret: String,
+    /// `stats-report-time`: the seconds between accounting Interim-Updates.
+    pub interim_s: u32,
+    /// `groupconfig=`: whether ocserv applies what the Access-Accept carries (`Session-Timeout`,
+    /// `Framed-IP-Address`, `Framed-Route`, …) to the session.
+    pub groupconfig: bool,
+}
+
 /// A running ocserv.
 pub struct OcservServer {
     child: Option<Child>,
@@ -67,6 +80,21 @@ impl OcservServer {
     /// Starts ocserv with certificate login and `script` as connect- and disconnect-script;
     /// waits until its occtl socket answers.
     pub fn start(pki: &Pki, script: Script) -> Result<OcservServer, String> {
+        Self::start_with(pki, script, None)
+    }
+
+    /// Starts ocserv with user name and password login over RADIUS and RADIUS accounting
+    /// (`auth = "radius[…,groupconfig=…]"`, `acct = "radius[…]"`) against `nas`; radcli's
+    /// config and servers file are written into the server's folder. No scripts.
+    pub fn start_radius(pki: &Pki, nas: &RadiusNas) -> Result<OcservServer, String> {
+        Self::start_with(pki, Script::None, Some(nas))
+    }
+
+    fn start_with(
+        pki: &Pki,
+        script: Script,
+        radius: Option<&RadiusNas>,
+    ) -> Result<OcservServer, String> {
         let work = work_dir("ocs", next_id())?;
         let d = work.path().to_path_buf();
         let (net, claim) = claim_subnet("tunnel", TUNNEL_RANGE, 24)?;
@@ -103,10 +131,51 @@ impl OcservServer {
                 )
             })
             .unwrap_or_default();
+        let auth = match radius {
+            None => "auth = \"certificate\"\n\
+                     cert-user-oid = 0.9.2342.19200300.100.1.1\n\
+                     cert-group-oid = 2.5.4.3\n"
+                .to_string(),
+            Some(nas) => {
+                let servers = d.join("radius-servers");
+                fs::write(&servers, format!("127.0.0.1 {}\n", nas.secret))
+                    .map_err(|e| e.to_string())?;
+                fs::set_permissions(
+                    &servers,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .map_err(|e| e.to_string())?;
+                let rc = d.join("radiusclient.conf");
+                fs::write(
+                    &rc,
+                    format!(
+                        "nas-identifier ocserv-e2e\n\
+                         authserver 127.0.0.1:{auth}\n\
+                         acctserver 127.0.0.1:{acct}\n\
+                         servers {servers}\n\
+                         dictionary /etc/radcli/dictionary\n\
+                         default_realm\n\
+                         radius_timeout 3\n\
+                         radius_retries 1\n\
+                         bindaddr *\n",
+                        auth = nas.auth_port,
+                        acct = nas.acct_port,
+                        servers = servers.display(),
+                    ),
+                )
+                .map_err(|e| e.to_string())?;
+                format!(
+                    "auth = \"radius[config={rc},groupconfig={gc}]\"\n\
+                     acct = \"radius[config={rc}]\"\n\
+                     stats-report-time = {interim}\n",
+                    rc = rc.display(),
+                    interim = nas.interim_s,
+                    gc = nas.groupconfig,
+                )
+            }
+        };
         let conf = format!(
-            "auth = \"certificate\"\n\
-             cert-user-oid = 0.9.2342.19200300.100.1.1\n\
-             cert-group-oid = 2.5.4.3\n\
+            "{auth}\
              ca-cert = {ca}\nserver-cert = {sc}\nserver-key = {sk}\n\
              tcp-port = {port}\nudp-port = {port}\n\
              socket-file = {d}/ocserv.sock\nocctl-socket-file = {occ}\nuse-occtl = true\n\
@@ -204,6 +273,12 @@ fn pin_sha256(cert: &Path) -> Result<String, String> {
     Ok(format!("pin-sha256:{}", out.trim()))
 }
 
+/// How an [`OcClient`] logs in.
+enum Login<'a> {
+    Cert(&'a OcCert),
+    Password { user: &'a str, password: &'a str },
+}
+
 /// A real `openconnect` client in a namespace; stopped on drop.
 pub struct OcClient {
     child: Option<Child>,
@@ -214,6 +289,25 @@ pub struct OcClient {
 impl OcClient {
     /// Starts openconnect in `ns` against `server`; returns at once.
     pub fn start(ns: &ClientNs, cert: &OcCert, server: &OcservServer) -> Result<OcClient, String> {
+        Self::start_with(ns, Login::Cert(cert), server)
+    }
+
+    /// Starts openconnect in `ns` with a user name and a password (`--user`,
+    /// `--passwd-on-stdin`); returns at once.
+    pub fn start_password(
+        ns: &ClientNs,
+        user: &str,
+        password: &str,
+        server: &OcservServer,
+    ) -> Result<OcClient, String> {
+        Self::start_with(ns, Login::Password { user, password }, server)
+    }
+
+    fn start_with(
+        ns: &ClientNs,
+        login: Login<'_>,
+        server: &OcservServer,
+    ) -> Result<OcClient, String> {
         let dir = work_dir("occ", next_id())?;
         let d = dir.path();
         // A minimal vpnc-script: the tun up with its address and a route to the server's
@@ -239,19 +333,36 @@ impl OcClient {
                 .to_str()
                 .unwrap_or("openconnect"),
         );
-        c.args(["--non-inter", "-i", "tun0", "--certificate"])
-            .arg(&cert.cert)
-            .arg("--sslkey")
-            .arg(&cert.key)
-            .arg("--servercert")
+        c.args(["--non-inter", "-i", "tun0"]);
+        let password = match login {
+            Login::Cert(cert) => {
+                c.arg("--certificate")
+                    .arg(&cert.cert)
+                    .arg("--sslkey")
+                    .arg(&cert.key)
+                    .stdin(Stdio::null());
+                None
+            }
+            Login::Password { user, password } => {
+                c.args(["--user", user, "--passwd-on-stdin"])
+                    .stdin(Stdio::piped());
+                Some(password)
+            }
+        };
+        c.arg("--servercert")
             .arg(&server.pin)
             .arg("--script")
             .arg(&script)
             .arg(format!("https://{}:{}/", ns.host_ip(), server.port))
-            .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        let child = c.spawn().map_err(|e| format!("start openconnect: {e}"))?;
+        let mut child = c.spawn().map_err(|e| format!("start openconnect: {e}"))?;
+        if let Some(password) = password {
+            use std::io::Write;
+            // Written and closed at once: a pipe this small never blocks.
+            let mut stdin = child.stdin.take().ok_or("no stdin")?;
+            let _ = writeln!(stdin, "{password}");
+        }
         Ok(OcClient {
             child: Some(child),
             dir,
