@@ -21,6 +21,9 @@ use crate::wire::{
     Push, Reason,
 };
 
+/// Seconds a new session is left alone by reconciliation: its VPN server may not list it yet.
+pub const REAP_GRACE_S: i64 = 10;
+
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reloaded {
@@ -389,6 +392,43 @@ impl App {
         };
         tracing::info!(session = %s.id, why, "session reaped");
         true
+    }
+
+    /// Reconciliation: ends the sessions of one VPN instance that its server no longer lists
+    /// (`live`: the session keys it has now), except those younger than [`REAP_GRACE_S`]
+    /// (their server may not list them yet). Counted by instance; returns the keys ended.
+    pub async fn reap_missing(
+        &self,
+        vpn: &str,
+        instance: &str,
+        live: &std::collections::HashSet<String>,
+        why: &str,
+    ) -> Vec<String> {
+        let now = unix_now();
+        let gone: Vec<String> = self
+            .sessions
+            .list()
+            .into_iter()
+            .filter(|s| s.vpn == vpn && s.instance == instance)
+            .filter(|s| !live.contains(&s.session_key) && now - s.started_at > REAP_GRACE_S)
+            .map(|s| s.session_key)
+            .collect();
+        let mut ended = Vec::new();
+        for key in gone {
+            let sel = Selector::Key {
+                vpn: vpn.to_string(),
+                instance: instance.to_string(),
+                session_key: key.clone(),
+            };
+            if self.reap(&sel, why).await {
+                self.metrics
+                    .sessions_reaped
+                    .with_label_values(&[instance])
+                    .inc();
+                ended.push(key);
+            }
+        }
+        ended
     }
 
     /// Reloads config and registry; on success re-decides the live sessions and ends those now

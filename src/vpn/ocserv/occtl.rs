@@ -20,11 +20,8 @@ use tokio::sync::{broadcast, watch};
 use crate::app::App;
 use crate::config::OcservInstance;
 use crate::session::{KillRequest, Selector};
-use crate::state::unix_now;
 use crate::vpn::ocserv::{DeviceField, OcservSettings, UserRow, parse_users, worker_id};
 
-/// Sessions younger than this are not reaped (a connect may still be in flight).
-const REAP_GRACE_S: i64 = 10;
 /// The longest an `occtl` call may take.
 const OCCTL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most output read from one `occtl` call.
@@ -208,29 +205,14 @@ impl Watcher<'_> {
             }
         }
         self.unknown = unknown;
-        let now = unix_now();
-        let gone: Vec<String> = self
-            .app
-            .sessions
-            .list()
-            .into_iter()
-            .filter(|s| s.vpn == "ocserv" && s.instance == self.inst.instance)
-            .filter(|s| !live.contains(&s.session_key) && now - s.started_at > REAP_GRACE_S)
-            .map(|s| s.session_key)
-            .collect();
-        for key in gone {
-            if self
-                .app
-                .reap(&self.selector(&key), "gone from ocserv's user list")
-                .await
-            {
-                self.app
-                    .metrics
-                    .sessions_reaped
-                    .with_label_values(&[&self.inst.instance])
-                    .inc();
-            }
-        }
+        self.app
+            .reap_missing(
+                "ocserv",
+                &self.inst.instance,
+                &live,
+                "gone from ocserv's user list",
+            )
+            .await;
     }
 
     /// A client ocserv has and pforte does not (pforte's state was lost, or it came in while

@@ -31,8 +31,6 @@ use crate::vpn::openvpn::management::{
 use crate::vpn::openvpn::{self, HookSettings};
 use crate::wire::DisconnectRequest;
 
-/// Sessions younger than this are not reaped (a connect may still be in flight).
-const REAP_GRACE_S: i64 = 10;
 /// Clients pforte does not know are sent back through the gate (`client-kill`, which restarts
 /// them) once they are this old, so half-finished handshakes are left alone.
 const UNKNOWN_GRACE_S: i64 = 30;
@@ -490,27 +488,16 @@ impl<'a> Conn<'a> {
         for (cid, key) in mapped {
             self.remember(cid, key);
         }
-        let reapable: Vec<String> = self
+        let reaped = self
             .app
-            .sessions
-            .list()
-            .into_iter()
-            .filter(|s| s.vpn == "openvpn" && s.instance == self.inst.instance)
-            .filter(|s| !live.contains(&s.session_key) && now - s.started_at > REAP_GRACE_S)
-            .map(|s| s.session_key)
-            .collect();
-        for key in reapable {
-            if self
-                .app
-                .reap(&self.selector(&key), "gone from OpenVPN's client list")
-                .await
-            {
-                self.app
-                    .metrics
-                    .sessions_reaped
-                    .with_label_values(&[&self.inst.instance])
-                    .inc();
-            }
+            .reap_missing(
+                "openvpn",
+                &self.inst.instance,
+                &live,
+                "gone from OpenVPN's client list",
+            )
+            .await;
+        for key in reaped {
             if let Some(cid) = self.key_cid.remove(&key) {
                 self.cid_key.remove(&cid);
             }

@@ -21,7 +21,6 @@ use super::{IkeSa, Settings, connect_request, ike_id, proven_identity};
 use crate::app::App;
 use crate::config::StrongswanInstance;
 use crate::session::{KillRequest, Selector};
-use crate::state::unix_now;
 use crate::wire::DisconnectRequest;
 
 /// The events pforte registers for.
@@ -37,8 +36,6 @@ const EVENTS: [&str; 5] = [
 const IDENTITY_WAIT: Duration = Duration::from_millis(300);
 /// Proven identities of IKE_SAs that never came up are forgotten after this.
 const IDENTITY_TTL: Duration = Duration::from_secs(120);
-/// Sessions younger than this are not reaped.
-const REAP_GRACE_S: i64 = 10;
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// `terminate`'s own timeout (ms): charon answers when the DELETE is done or this passed.
@@ -428,29 +425,14 @@ impl Watcher<'_> {
         }
         self.unknown = unknown;
         self.books.retain(|k, _| live.contains(k));
-        let now = unix_now();
-        let gone: Vec<String> = self
-            .app
-            .sessions
-            .list()
-            .into_iter()
-            .filter(|s| s.vpn == "strongswan" && s.instance == self.inst.instance)
-            .filter(|s| !live.contains(&s.session_key) && now - s.started_at > REAP_GRACE_S)
-            .map(|s| s.session_key)
-            .collect();
-        for key in gone {
-            if self
-                .app
-                .reap(&self.selector(&key), "gone from strongSwan's IKE_SAs")
-                .await
-            {
-                self.app
-                    .metrics
-                    .sessions_reaped
-                    .with_label_values(&[&self.inst.instance])
-                    .inc();
-            }
-        }
+        self.app
+            .reap_missing(
+                "strongswan",
+                &self.inst.instance,
+                &live,
+                "gone from strongSwan's IKE_SAs",
+            )
+            .await;
         Ok(())
     }
 }
