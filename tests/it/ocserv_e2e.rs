@@ -113,21 +113,7 @@ impl Rig {
     }
 
     fn ping(&self, peer: &Peer, size: &str, count: &str) -> Result<String, String> {
-        peer.ns.exec(
-            "ping",
-            &[
-                "-c",
-                count,
-                "-i",
-                "0.05",
-                "-s",
-                size,
-                "-W",
-                "2",
-                &self.server.tunnel_ip().to_string(),
-            ],
-            Duration::from_secs(20),
-        )
+        self.server.ping_from(&peer.ns, size, count)
     }
 }
 

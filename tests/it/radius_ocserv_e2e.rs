@@ -308,21 +308,7 @@ require_message_authenticator = false
     }
 
     fn ping(&self, ns: &ClientNs, size: &str, count: &str) -> Result<String, String> {
-        ns.exec(
-            "ping",
-            &[
-                "-c",
-                count,
-                "-i",
-                "0.05",
-                "-s",
-                size,
-                "-W",
-                "2",
-                &self.server.tunnel_ip().to_string(),
-            ],
-            Duration::from_secs(20),
-        )
+        self.server.ping_from(ns, size, count)
     }
 
     /// Waits for `cond`, bounded; panics with the rig's logs and the metrics.

@@ -228,6 +228,14 @@ impl OcservServer {
     }
 
     /// The server's tunnel address (the clients ping it through the tunnel).
+    /// Pings the server's tunnel address from a client namespace (`count` pings of `size`
+    /// bytes, 50 ms apart, bounded to 20 s): the way to show traffic goes through the tunnel.
+    pub fn ping_from(&self, ns: &ClientNs, size: &str, count: &str) -> Result<String, String> {
+        let target = self.tunnel_ip().to_string();
+        let args = ["-c", count, "-i", "0.05", "-s", size, "-W", "2", &target];
+        ns.exec("ping", &args, Duration::from_secs(20))
+    }
+
     pub fn tunnel_ip(&self) -> std::net::Ipv4Addr {
         self.net.host(1)
     }
