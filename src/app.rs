@@ -57,6 +57,13 @@ pub struct PendingCommit {
     req: ConnectRequest,
 }
 
+impl PendingCommit {
+    /// The session admitted and not yet committed.
+    pub fn session(&self) -> &Session {
+        &self.admitted.session
+    }
+}
+
 /// The daemon's shared parts.
 pub struct App {
     /// Rules and registry.

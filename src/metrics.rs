@@ -88,6 +88,8 @@ pub struct Metrics {
     pub radius_disconnects: IntCounterVec,
     /// Accepted RADIUS sessions ended because their Accounting Start did not come, by client.
     pub radius_start_timeouts: IntCounterVec,
+    /// Accounting Starts naming a pforte session this node has no record of.
+    pub radius_unrecorded_starts: IntCounterVec,
     /// Control channel of a strongSwan (VICI) or ocserv (`occtl`) instance answering, by vpn
     /// and instance.
     pub vpn_control_connected: IntGaugeVec,
@@ -432,6 +434,12 @@ impl Metrics {
                 &r,
                 "pforte_radius_accounting_start_timeouts_total",
                 "Accepted RADIUS sessions ended because no Accounting Start came in time.",
+                &["client"],
+            )?,
+            radius_unrecorded_starts: counter_vec(
+                &r,
+                "pforte_radius_unrecorded_starts_total",
+                "Accounting Starts naming a pforte session this node has no record of (accepted just before a crash, or ended already); the NAS is asked to drop each.",
                 &["client"],
             )?,
             cluster: ClusterMetrics::new()?,

@@ -25,8 +25,9 @@ type Key = (String, String, String);
 struct Table {
     by_id: HashMap<String, Session>,
     by_key: HashMap<Key, String>,
-    /// Live session ids of each device.
-    by_device: HashMap<String, Vec<String>>,
+    /// Live sessions of each device: id and the address it came from, so the duplicate check
+    /// compares addresses without looking each session up.
+    by_device: HashMap<String, Vec<(String, Option<IpAddr>)>>,
     per_user: HashMap<String, u32>,
     per_org_unit: HashMap<String, u32>,
     pools: HashMap<String, Pool>,
@@ -66,6 +67,14 @@ impl SessionIds {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("{:016x}{n:016x}", self.prefix)
     }
+}
+
+/// Whether `s` has the shape of a session id this table hands out (32 lowercase hex digits), so a
+/// VPN's echo of one (RADIUS `Class`) can be told from other values.
+pub fn is_session_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A session admitted to the table and not yet committed (see
@@ -163,7 +172,7 @@ impl Sessions {
         t.by_device
             .entry(s.device_id.clone())
             .or_default()
-            .push(s.id.clone());
+            .push((s.id.clone(), remote_ip(&s.remote_addr)));
         *t.per_org_unit.entry(s.org_unit.clone()).or_default() += 1;
         if !s.session_key.is_empty() {
             t.by_key.insert(
@@ -187,7 +196,7 @@ impl Sessions {
         }
         decrement(&mut t.per_user, &s.username);
         if let Some(ids) = t.by_device.get_mut(&s.device_id) {
-            ids.retain(|x| x != id);
+            ids.retain(|(x, _)| x != id);
             if ids.is_empty() {
                 t.by_device.remove(&s.device_id);
             }
@@ -248,8 +257,8 @@ impl Sessions {
                     .get(&adm.device_id)
                     .into_iter()
                     .flatten()
-                    .filter_map(|id| t.by_id.get(id))
-                    .filter(|s| remote_ip(&s.remote_addr).is_some_and(|old| old != ip))
+                    .filter(|(_, old)| old.is_some_and(|old| old != ip))
+                    .filter_map(|(id, _)| t.by_id.get(id))
                     .cloned()
                     .collect(),
             };
@@ -599,7 +608,7 @@ impl Sessions {
             .get(device_id)
             .into_iter()
             .flatten()
-            .filter_map(|id| t.by_id.get(id).cloned())
+            .filter_map(|(id, _)| t.by_id.get(id).cloned())
             .collect()
     }
 

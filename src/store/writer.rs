@@ -2,7 +2,7 @@
 //! (or on an idle caller's), acknowledges each after its commit, and retries what no caller
 //! waits for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +51,8 @@ struct Shared {
     admit_unrecorded: bool,
     /// When the last commit ended, in nanoseconds since `epoch`.
     last_commit: AtomicU64,
+    /// The last commit succeeded (or none was tried yet).
+    healthy: AtomicBool,
     epoch: Instant,
 }
 
@@ -152,6 +154,7 @@ pub fn spawn_writer<S: SessionStore>(
         audit,
         admit_unrecorded,
         last_commit: AtomicU64::new(0),
+        healthy: AtomicBool::new(true),
         epoch: Instant::now(),
     });
     let thread = Arc::clone(&shared);
@@ -321,6 +324,7 @@ impl Shared {
         self.last_commit.store(self.now_ns(), Ordering::Relaxed);
         match applied {
             Ok(()) => {
+                self.healthy.store(true, Ordering::Relaxed);
                 metrics.store_healthy.set(1);
                 if let Some(a) = audit {
                     insert_lines.extend_from_slice(&other_lines);
@@ -336,6 +340,7 @@ impl Shared {
             }
             Err(e) => {
                 metrics.store_errors.inc();
+                self.healthy.store(false, Ordering::Relaxed);
                 metrics.store_healthy.set(0);
                 if let Some(a) = audit {
                     if self.admit_unrecorded {
@@ -383,6 +388,16 @@ impl StoreHandle {
         match &self.backend {
             Backend::Local(_) => None,
             Backend::Shared(pg) => Some(pg),
+        }
+    }
+
+    /// A store of this node alone (SQLite) whose last commit succeeded: a decision taken in
+    /// memory is then final, and only its durability is still to come. False for a shared
+    /// store (the cluster decides capacity at the commit) and after a failed commit.
+    pub fn local_and_healthy(&self) -> bool {
+        match &self.backend {
+            Backend::Local(token) => token.0.healthy.load(Ordering::Relaxed),
+            Backend::Shared(_) => false,
         }
     }
 

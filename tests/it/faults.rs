@@ -121,7 +121,7 @@ async fn kill_9_during_a_storm_of_connects() {
 
 /// Root, as mounting a tmpfs needs; without it the test is skipped (or fails under
 /// `PFORTE_E2E=1`).
-fn can_mount() -> bool {
+pub fn can_mount() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
@@ -133,10 +133,10 @@ fn can_mount() -> bool {
 }
 
 /// A 512 KiB tmpfs on a folder, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
+pub struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &std::path::Path) -> Tmpfs {
+    pub fn mount(dir: &std::path::Path) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
@@ -149,7 +149,7 @@ impl Tmpfs {
 }
 
 /// Fills the filesystem of `dir` with one file; returns it (remove it to free the space).
-fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+pub fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     let filler = dir.join("filler");
     let mut file = std::fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 4096];

@@ -554,6 +554,221 @@ fn radius_accept_without_accounting_start_is_reaped() {
     assert_eq!(d.metric("pforte_seats_used"), Some(0.0));
 }
 
+/// The Accept goes out before the session's commit (a store of this node alone): after a
+/// kill -9, every session pforte accepted is either back from the store or, when its Accounting
+/// Start comes, dropped at the NAS with a Disconnect-Request: none is let in uncounted. A Start
+/// naming a pforte session id pforte has no record of gets a Disconnect-Request (with the NAS's
+/// Acct-Session-Id and User-Name) and is counted; a `Class` that is no pforte id does not.
+fn radius_start_for_a_session_pforte_has_no_record_of_is_disconnected() {
+    if !have_tool("radclient", "freeradius-utils") {
+        return;
+    }
+    let devices = [
+        RDev {
+            hwaddr: "aa:bb:cc:00:00:01",
+            ..RDev::good("c-alice", "U-ALICE", "alice")
+        },
+        RDev {
+            hwaddr: "aa:bb:cc:00:00:02",
+            ..RDev::good("c-bob", "U-BOB", "bob")
+        },
+        RDev {
+            hwaddr: "aa:bb:cc:00:00:03",
+            ..RDev::good("c-ivan", "U-IVAN", "ivan")
+        },
+    ];
+    let (f, p) = radius_fixture(Setup::default(), &devices, "", "");
+    let d = f.start();
+    let users = [
+        ("alice", "U-ALICE", "aa-bb-cc-00-00-01"),
+        ("bob", "U-BOB", "aa-bb-cc-00-00-02"),
+        ("ivan", "U-IVAN", "aa-bb-cc-00-00-03"),
+    ];
+    let accepted: Vec<String> = users
+        .iter()
+        .map(|(u, uid, mac)| access(p.auth, &cisco(u, uid, mac)).unwrap())
+        .collect();
+    drop(d); // SIGKILL
+    let d = f.start();
+    let listed = session_ids(d.port);
+    let nas = UdpSocket::bind(("127.0.0.1", p.dae)).unwrap();
+    nas.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let secret = Secret::new(SECRET).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut dropped_at_nas = 0;
+    for (i, ((user, _, _), class)) in users.iter().zip(&accepted).enumerate() {
+        let acct = format!("ASA-{i}");
+        accounting(
+            p.acct,
+            &format!(
+                "Acct-Status-Type = Start\nAcct-Session-Id = \"{acct}\"\nUser-Name = \"{user}\"\nClass = \"{class}\"\n"
+            ),
+        );
+        if listed.contains(class) {
+            continue;
+        }
+        let (n, _) = nas.recv_from(&mut buf).expect("no Disconnect-Request");
+        let req = Packet::decode(&buf[..n]).unwrap();
+        assert_eq!(req.code, Code::DisconnectRequest);
+        assert_eq!(
+            req.get_str(attr::ACCT_SESSION_ID).unwrap(),
+            Some(acct.as_str())
+        );
+        dropped_at_nas += 1;
+    }
+    assert_eq!(
+        listed.len() + dropped_at_nas,
+        accepted.len(),
+        "accepted {accepted:?}, listed after kill -9 {listed:?}"
+    );
+    assert_eq!(d.metric("pforte_seats_used"), Some(listed.len() as f64));
+
+    // A Start for a pforte session id this node never recorded: dropped at the NAS, counted.
+    let lost = "0123456789abcdef0123456789abcdef";
+    accounting(
+        p.acct,
+        &format!(
+            "Acct-Status-Type = Start\nAcct-Session-Id = \"ASA-LOST\"\nUser-Name = \"dave\"\nClass = \"{lost}\"\n"
+        ),
+    );
+    let (n, from) = nas.recv_from(&mut buf).expect("no Disconnect-Request");
+    let req = Packet::decode(&buf[..n]).unwrap();
+    assert_eq!(req.code, Code::DisconnectRequest);
+    auth::verify_request(&req, &secret).unwrap();
+    assert_eq!(
+        req.get_str(attr::ACCT_SESSION_ID).unwrap(),
+        Some("ASA-LOST")
+    );
+    assert_eq!(req.get_str(attr::USER_NAME).unwrap(), Some("dave"));
+    let mut ack = Packet::response_to(&req, Code::DisconnectAck);
+    let wire = auth::finalize_response(&mut ack, &req.authenticator, &secret).unwrap();
+    nas.send_to(&wire, from).unwrap();
+    wait_for("the ACK counted", Duration::from_secs(5), || {
+        d.metric(r#"pforte_radius_disconnects_total{client="asa-1",result="ack"}"#) == Some(1.0)
+    });
+    assert_eq!(
+        d.metric(r#"pforte_radius_unrecorded_starts_total{client="asa-1"}"#),
+        Some(1.0 + dropped_at_nas as f64)
+    );
+    // A Class that is no pforte session id: answered, nothing sent to the NAS.
+    accounting(
+        p.acct,
+        "Acct-Status-Type = Start\nAcct-Session-Id = \"ASA-OTHER\"\nUser-Name = \"erin\"\nClass = \"not-a-pforte-session\"\n",
+    );
+    nas.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    assert!(
+        nas.recv_from(&mut buf).is_err(),
+        "a Disconnect-Request for a foreign Class"
+    );
+    assert_eq!(
+        d.metric(r#"pforte_radius_unrecorded_starts_total{client="asa-1"}"#),
+        Some(1.0 + dropped_at_nas as f64)
+    );
+    assert_eq!(d.metric("pforte_seats_used"), Some(listed.len() as f64));
+}
+
+/// Acknowledges every Disconnect-Request (for alice) that comes before the socket's read
+/// timeout; how many came.
+fn ack_disconnects(nas: &UdpSocket) -> usize {
+    let secret = Secret::new(SECRET).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut n_acked = 0;
+    while let Ok((n, from)) = nas.recv_from(&mut buf) {
+        let req = Packet::decode(&buf[..n]).unwrap();
+        assert_eq!(req.code, Code::DisconnectRequest);
+        assert_eq!(req.get_str(attr::USER_NAME).unwrap(), Some("alice"));
+        let mut ack = Packet::response_to(&req, Code::DisconnectAck);
+        let wire = auth::finalize_response(&mut ack, &req.authenticator, &secret).unwrap();
+        nas.send_to(&wire, from).unwrap();
+        n_acked += 1;
+    }
+    n_acked
+}
+
+/// The store's disk fills up (fail mode closed). An Accept that went out before its commit
+/// failed is followed by a Disconnect-Request to the NAS and frees its seat; from the failed
+/// commit on, Access-Requests are refused with `store_unavailable` (decided after the commit);
+/// with space again, pforte accepts again without a restart. No Accept is left uncounted.
+fn radius_disk_full_after_an_accept_drops_the_client_and_refuses_the_next() {
+    if !have_tool("radclient", "freeradius-utils") || !crate::faults::can_mount() {
+        return;
+    }
+    let devices = [RDev {
+        hwaddr: "aa:bb:cc:00:00:01",
+        ..RDev::good("c-alice", "U-ALICE", "alice")
+    }];
+    let (f, p) = radius_fixture(
+        Setup {
+            per_user: 0,
+            ..Setup::default()
+        },
+        &devices,
+        "",
+        "",
+    );
+    let state = f.path("state");
+    let _tmpfs = crate::faults::Tmpfs::mount(&state);
+    let d = f.start();
+    let nas = UdpSocket::bind(("127.0.0.1", p.dae)).unwrap();
+    nas.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let first = access(p.auth, &cisco("alice", "U-ALICE", MAC1)).unwrap();
+    let filler = crate::faults::fill(&state);
+    let mut accepted_after_fill: Vec<String> = Vec::new();
+    let mut disconnected = 0;
+    let mut refused = false;
+    for _ in 0..400 {
+        match access(p.auth, &cisco("alice", "U-ALICE", MAC1)) {
+            Ok(id) => accepted_after_fill.push(id),
+            Err(msg) => {
+                assert!(msg.starts_with("store_unavailable: "), "{msg}");
+                refused = true;
+                break;
+            }
+        }
+        disconnected += ack_disconnects(&nas);
+    }
+    assert!(refused, "no Access-Request was refused with the disk full");
+    // The Disconnect-Requests of Accepts whose commit failed, each acknowledged.
+    nas.set_read_timeout(Some(Duration::from_millis(1000)))
+        .unwrap();
+    disconnected += ack_disconnects(&nas);
+    let listed = session_ids(d.port);
+    let recorded = accepted_after_fill
+        .iter()
+        .filter(|id| listed.contains(id))
+        .count();
+    let unrecorded = accepted_after_fill.len() - recorded;
+    assert!(listed.contains(&first));
+    assert!(
+        unrecorded >= 1,
+        "every Accept was recorded; the disk never failed a commit after an Accept"
+    );
+    // Each unrecorded Accept, and only those, was asked of the NAS to drop.
+    assert_eq!(
+        disconnected, unrecorded,
+        "Disconnect-Requests for {unrecorded} unrecorded Accepts"
+    );
+    assert_eq!(
+        d.metric(r#"pforte_radius_disconnects_total{client="asa-1",result="ack"}"#),
+        Some(unrecorded as f64)
+    );
+    assert_eq!(d.metric("pforte_seats_used"), Some(listed.len() as f64));
+    assert_eq!(d.metric("pforte_store_healthy"), Some(0.0));
+    // Space again: accepted again without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(id) = access(p.auth, &cisco("alice", "U-ALICE", MAC1)) {
+            ok = session_ids(d.port).contains(&id);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "no recovery after the disk was freed");
+}
+
 fn vm_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -713,5 +928,7 @@ pub fn tests() -> Vec<Case> {
         trial!(radius_vendors_accounting_bytes_seats_and_disconnect, needs: [Need::Tool("radclient", "freeradius-utils")]),
         trial!(radius_accept_without_accounting_start_is_reaped, needs: [Need::Tool("radclient", "freeradius-utils")]),
         trial!(radius_hostile_input_is_dropped_counted_and_memory_stays_flat, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_start_for_a_session_pforte_has_no_record_of_is_disconnected, needs: [Need::Tool("radclient", "freeradius-utils")]),
+        trial!(radius_disk_full_after_an_accept_drops_the_client_and_refuses_the_next, needs: [Need::Tool("radclient", "freeradius-utils"), Need::Root("to mount a small tmpfs")]),
     ]
 }

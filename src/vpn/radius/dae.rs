@@ -46,7 +46,7 @@ impl Result {
 }
 
 /// The Disconnect-Request for a session (unsigned).
-fn request(session: &Session, acct_session_id: Option<&str>) -> Packet {
+fn request(username: &str, acct_session_id: Option<&str>) -> Packet {
     let rnd = random16();
     let mut p = Packet::new(Code::DisconnectRequest, rnd[0], [0; 16]);
     let cut = |s: &str| s.as_bytes()[..s.len().min(attr::MAX_VALUE_LEN)].to_vec();
@@ -56,10 +56,10 @@ fn request(session: &Session, acct_session_id: Option<&str>) -> Packet {
             value: cut(id),
         });
     }
-    if !session.username.is_empty() {
+    if !username.is_empty() {
         p.attributes.push(super::packet::Attribute {
             kind: attr::USER_NAME,
-            value: cut(&session.username),
+            value: cut(username),
         });
     }
     // The Message-Authenticator (RFC 5176 3.1), filled in when signed.
@@ -80,12 +80,33 @@ pub async fn disconnect(
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result {
+    disconnect_named(
+        nas,
+        addr,
+        (&session.id, &session.username),
+        acct_session_id,
+        timeout,
+        metrics,
+    )
+    .await
+}
+
+/// As [`disconnect`], for a session known by its id (for the log), user and
+/// `Acct-Session-Id` only.
+pub async fn disconnect_named(
+    nas: &Nas,
+    addr: Option<IpAddr>,
+    (id, username): (&str, &str),
+    acct_session_id: Option<&str>,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result {
     let result = match addr.filter(|_| nas.config.dae_port != 0) {
         None => Result::NoDae,
         Some(ip) => send(
             nas,
             SocketAddr::new(ip, nas.config.dae_port),
-            session,
+            username,
             acct_session_id,
             timeout,
         )
@@ -98,10 +119,10 @@ pub async fn disconnect(
         .inc();
     match result {
         Result::Ack => {
-            tracing::info!(client = %nas.config.name, session = %session.id, "NAS acknowledged the Disconnect-Request")
+            tracing::info!(client = %nas.config.name, session = %id, "NAS acknowledged the Disconnect-Request")
         }
         other => {
-            tracing::warn!(client = %nas.config.name, session = %session.id, result = other.as_str(), "Disconnect-Request not acknowledged")
+            tracing::warn!(client = %nas.config.name, session = %id, result = other.as_str(), "Disconnect-Request not acknowledged")
         }
     }
     result
@@ -110,11 +131,11 @@ pub async fn disconnect(
 async fn send(
     nas: &Nas,
     to: SocketAddr,
-    session: &Session,
+    username: &str,
     acct_session_id: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<Result> {
-    let mut req = request(session, acct_session_id);
+    let mut req = request(username, acct_session_id);
     let wire = auth::finalize_request(&mut req, &nas.secret)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let bind: SocketAddr = if to.is_ipv4() {

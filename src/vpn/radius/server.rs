@@ -170,6 +170,7 @@ impl Server {
             m.radius_accepts.with_label_values(&[name]);
             m.radius_duplicates.with_label_values(&[name]);
             m.radius_start_timeouts.with_label_values(&[name]);
+            m.radius_unrecorded_starts.with_label_values(&[name]);
             if nas.config.dae_port != 0 {
                 for result in ["ack", "nak", "timeout"] {
                     m.radius_disconnects.with_label_values(&[name, result]);
@@ -260,13 +261,66 @@ impl Server {
         }
     }
 
+    /// Whether an Accept may go out before its session's commit: with a store of this node
+    /// alone (SQLite) whose last commit succeeded, the decision taken in memory is final (the
+    /// seat and the address are taken) and only its durability is still to come, as on
+    /// OpenVPN's management interface. Not with a shared store (the cluster decides capacity
+    /// at the commit), nor once a commit failed (the refusal is then `store_unavailable`).
+    fn answers_first(&self) -> bool {
+        self.app.sessions.store().local_and_healthy()
+    }
+
     /// Decides one verified request; the signed answer (none: drop).
-    async fn handle(&self, nas: &Nas, pkt: &Packet, src: SocketAddr) -> Option<Vec<u8>> {
+    async fn handle(
+        &self,
+        nas: &Arc<Nas>,
+        pkt: &Packet,
+        src: SocketAddr,
+        answer_first: bool,
+    ) -> Option<Vec<u8>> {
         let answer = match pkt.code {
-            Code::AccessRequest => self.access(nas, pkt, src.ip()).await,
-            _ => self.accounting(nas, pkt).await,
+            Code::AccessRequest => self.access(nas, pkt, src.ip(), answer_first).await,
+            _ => self.accounting(nas, pkt, src.ip()).await,
         };
         self.sign(nas, pkt, answer)
+    }
+
+    /// Decides with the Accept before the commit ([`App::connect_answer_first`]); the commit
+    /// follows on a task of its own. Should the store refuse it after all (a commit failing,
+    /// fail mode closed), the session is out of the table again and the NAS is asked to drop
+    /// the client it let in. A crash between the Accept and the commit leaves a session the
+    /// NAS has and pforte has not: its Accounting Start is answered with a Disconnect-Request
+    /// ([`Server::accounting`]).
+    fn decide_answer_first(
+        &self,
+        nas: &Arc<Nas>,
+        req: ConnectRequest,
+        src: IpAddr,
+    ) -> ConnectResponse {
+        let (resp, pending) = self.app.connect_answer_first(req);
+        if let Some(pending) = pending {
+            let app = self.app.clone();
+            let nas = nas.clone();
+            let s = pending.session();
+            let (id, user) = (s.id.clone(), s.username.clone());
+            let acct = (!s.session_key.starts_with(PENDING_PREFIX)).then(|| s.session_key.clone());
+            let timeout = self.config.dae_timeout;
+            tokio::spawn(async move {
+                if !app.persist(pending).await {
+                    tracing::warn!(client = %nas.config.name, session = %id, "accepted session not recorded; asking the NAS to drop the client");
+                    dae::disconnect_named(
+                        &nas,
+                        Some(src),
+                        (&id, &user),
+                        acct.as_deref(),
+                        timeout,
+                        &app.metrics,
+                    )
+                    .await;
+                }
+            });
+        }
+        resp
     }
 
     fn reject(request: &Packet, code: &str, message: &str, mut extra: Vec<Attribute>) -> Packet {
@@ -285,7 +339,13 @@ impl Server {
         p
     }
 
-    async fn access(&self, nas: &Nas, pkt: &Packet, src: IpAddr) -> Packet {
+    async fn access(
+        &self,
+        nas: &Arc<Nas>,
+        pkt: &Packet,
+        src: IpAddr,
+        answer_first: bool,
+    ) -> Packet {
         let session_key = pkt
             .get(attr::ACCT_SESSION_ID)
             .and_then(text)
@@ -327,7 +387,11 @@ impl Server {
                 Outcome::Accept(attrs) => passed = attrs,
             }
         }
-        let resp = self.app.connect(req.clone()).await;
+        let resp = if answer_first {
+            self.decide_answer_first(nas, req.clone(), src)
+        } else {
+            self.app.connect(req.clone()).await
+        };
         if !resp.allowed() {
             let code = resp.reason.map(Reason::as_str).unwrap_or("refused");
             return Self::reject(pkt, code, &resp.message, Vec::new());
@@ -418,7 +482,7 @@ impl Server {
         found.next().is_none().then_some(first)
     }
 
-    async fn accounting(&self, nas: &Nas, pkt: &Packet) -> Packet {
+    async fn accounting(&self, nas: &Arc<Nas>, pkt: &Packet, src: IpAddr) -> Packet {
         let answer = Packet::response_to(pkt, Code::AccountingResponse);
         let status = pkt.get_u32(attr::ACCT_STATUS_TYPE).ok().flatten();
         let acct_id = pkt.get(attr::ACCT_SESSION_ID).and_then(text);
@@ -444,7 +508,11 @@ impl Server {
             }
             Some(acct_status::START | acct_status::INTERIM_UPDATE | acct_status::STOP) => {
                 let Some(s) = self.find_session(nas, pkt, acct_id) else {
-                    tracing::info!(client = %nas.config.name, "accounting for an unknown session (ended already, or never admitted)");
+                    if status == Some(acct_status::START) {
+                        self.unrecorded_start(nas, pkt, acct_id, src);
+                    } else {
+                        tracing::info!(client = %nas.config.name, "accounting for an unknown session (ended already, or never admitted)");
+                    }
                     return answer;
                 };
                 lock(&self.pending).remove(&s.id);
@@ -482,6 +550,53 @@ impl Server {
             _ => {}
         }
         answer
+    }
+
+    /// An Accounting Start whose `Class` names a pforte session this node has no record of:
+    /// one accepted just before a crash, whose commit never happened (see
+    /// [`Server::decide_answer_first`]), or one pforte ended already. Either way pforte does not
+    /// count it, so the NAS is asked to drop it; the client logs in again and is decided anew.
+    /// Only with a store of this node alone: in a cluster another node may hold the session.
+    fn unrecorded_start(&self, nas: &Arc<Nas>, pkt: &Packet, acct_id: Option<&str>, src: IpAddr) {
+        let Some(id) = pkt
+            .get_all(attr::CLASS)
+            .filter_map(text)
+            .find(|c| crate::sessions::is_session_id(c))
+            .map(str::to_string)
+        else {
+            tracing::info!(client = %nas.config.name, "Accounting Start for an unknown session (ended already, or never admitted)");
+            return;
+        };
+        if self.app.sessions.store().cluster().is_some() {
+            tracing::info!(client = %nas.config.name, session = %id, "Accounting Start for a session this node does not hold");
+            return;
+        }
+        self.app
+            .metrics
+            .radius_unrecorded_starts
+            .with_label_values(&[&nas.config.name])
+            .inc();
+        tracing::warn!(client = %nas.config.name, session = %id, "Accounting Start for a session pforte has no record of; asking the NAS to drop it");
+        let user = pkt
+            .get(attr::USER_NAME)
+            .and_then(text)
+            .unwrap_or("")
+            .to_string();
+        let acct = acct_id.map(str::to_string);
+        let nas = nas.clone();
+        let timeout = self.config.dae_timeout;
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            dae::disconnect_named(
+                &nas,
+                Some(src),
+                (&id, &user),
+                acct.as_deref(),
+                timeout,
+                &app.metrics,
+            )
+            .await;
+        });
     }
 
     /// Ends sessions whose Accounting Start did not come in time.
@@ -602,6 +717,14 @@ async fn serve_socket(
             .radius_requests
             .with_label_values(&[&nas.config.name, request_type(&pkt)])
             .inc();
+        let answer_first = port == Port::Auth && server.answers_first();
+        if answer_first && server.upstreams.is_empty() {
+            // Nothing to wait for (no credential server, no commit before the answer):
+            // decided, answered and cached right here, without a task or a thread hop.
+            let answer = server.handle(&nas, &pkt, src, true).await;
+            reply(&server, &sock, &nas, key, src, answer).await;
+            continue;
+        }
         let Ok(permit) = server.in_flight.clone().try_acquire_owned() else {
             server.dropped(&nas.config.name, "overload");
             lock(&server.dedup).answer(key, None);
@@ -610,16 +733,28 @@ async fn serve_socket(
         let server = server.clone();
         let sock = sock.clone();
         tokio::spawn(async move {
-            let answer = server.handle(&nas, &pkt, src).await;
-            if let Some(a) = &answer
-                && let Err(e) = sock.send_to(a, src).await
-            {
-                tracing::warn!(client = %nas.config.name, error = %e, "RADIUS answer not sent");
-            }
-            lock(&server.dedup).answer(key, answer);
+            let answer = server.handle(&nas, &pkt, src, answer_first).await;
+            reply(&server, &sock, &nas, key, src, answer).await;
             drop(permit);
         });
     }
+}
+
+/// Sends an answer (none: the request is dropped) and keeps it for retransmissions.
+async fn reply(
+    server: &Server,
+    sock: &UdpSocket,
+    nas: &Nas,
+    key: dedup::Key,
+    src: SocketAddr,
+    answer: Option<Vec<u8>>,
+) {
+    if let Some(a) = &answer
+        && let Err(e) = sock.send_to(a, src).await
+    {
+        tracing::warn!(client = %nas.config.name, error = %e, "RADIUS answer not sent");
+    }
+    lock(&server.dedup).answer(key, answer);
 }
 
 async fn reaper(server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
