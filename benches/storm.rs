@@ -144,6 +144,12 @@ enum Mode {
         /// Clients in all, spread evenly over the nodes (each a keep-alive connection).
         #[arg(long, default_value_t = 48)]
         concurrency: usize,
+        /// Offered load in connects per second (0: each client sends its next connect as soon
+        /// as the last is answered). Paced: connect n is sent at start + n/rate (or once the
+        /// client's previous connect is answered, if that is later); its latency counts from
+        /// the send, as in `steady` (tokio's timer wakes up to 1 ms late; that is not counted).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Registry load time and the daemon's memory for N devices.
     Load {
@@ -920,7 +926,7 @@ fn cluster(
     store: &str,
     url: Option<&str>,
     password_file: Option<&Path>,
-    (nodes, devices, connects, concurrency): (usize, usize, usize, usize),
+    (nodes, devices, connects, concurrency, rate): (usize, usize, usize, usize, u64),
 ) {
     let good: Vec<usize> = (0..devices)
         .filter(|i| kind(*i) == "good")
@@ -969,6 +975,8 @@ fn cluster(
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut lat = runtime().block_on(async {
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
         let tasks: Vec<_> = (0..concurrency)
             .map(|t| {
                 let socket = sockets[t % sockets.len()].clone();
@@ -976,10 +984,19 @@ fn cluster(
                 tokio::spawn(async move {
                     let mut c = LeanClient::connect(&socket).await;
                     let mut lat = Vec::new();
+                    // Paced: this client's connects are t, t + clients, t + 2 × clients, …
+                    let mut paced = (t..requests.len()).step_by(concurrency);
                     loop {
-                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let n = if rate == 0 {
+                            next.fetch_add(1, Ordering::Relaxed)
+                        } else {
+                            paced.next().unwrap_or(usize::MAX)
+                        };
                         if n >= requests.len() {
                             return lat;
+                        }
+                        if rate != 0 {
+                            tokio::time::sleep_until(start + interval * n as u32).await;
                         }
                         let t = Instant::now();
                         match c.send(&requests[n]).await {
@@ -1005,8 +1022,13 @@ fn cluster(
         .sum();
     let me_cpu = benches[0].cpu().1 - cpu_before[0].1;
     let errors = errors.load(Ordering::Relaxed);
+    let offered = if rate == 0 {
+        String::from("closed loop")
+    } else {
+        format!("offered {rate}/s")
+    };
     println!(
-        "cluster ({store}, {nodes} node{}): {connects} connects, {concurrency} clients, synchronous={}: {secs:.2} s = {:.0} connects/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; errors {errors}; CPU: daemons {:.2} cores, load generator {:.2} cores",
+        "cluster ({store}, {nodes} node{}): {connects} connects, {concurrency} clients, {offered}, synchronous={}: {secs:.2} s = {:.0} connects/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; errors {errors}; CPU: daemons {:.2} cores, load generator {:.2} cores",
         if nodes == 1 { "" } else { "s" },
         cli.synchronous,
         connects as f64 / secs,
@@ -1311,12 +1333,13 @@ fn main() {
             devices,
             connects,
             concurrency,
+            rate,
         } => cluster(
             &cli,
             store,
             url.as_deref(),
             password_file.as_deref(),
-            (nodes, devices, connects, concurrency),
+            (nodes, devices, connects, concurrency, rate),
         ),
         Mode::Soak {
             seconds,

@@ -169,6 +169,58 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Runs one writer batch (`pforte_apply`) durably, with the cluster's lock held as briefly
+    /// as PostgreSQL allows. The batch's transaction commits asynchronously, so its row locks
+    /// (the cluster row, the counters) are let go without waiting for the WAL flush; pipelined
+    /// behind it in the same round trip, a second transaction takes an xid and commits with the
+    /// server's own `synchronous_commit`: it returns only once the WAL is flushed (and, where the
+    /// operator runs synchronous replication, replicated) past its commit record, and so past the
+    /// batch's, which was written before it. Nobody is answered before that. Another node may
+    /// see the batch's counts before they are durable; its own batch is written after them,
+    /// so it is never durable without them.
+    async fn apply(&self, batch: &Value) -> Result<Value, StoreError> {
+        let client = self.client().await?;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+            [(batch, Type::JSONB)];
+        let mut apply = std::pin::pin!(client.query_typed(
+            "SELECT pforte_apply($1), set_config('synchronous_commit', 'off', true)",
+            &params,
+        ));
+        // The batch's request must reach the server first (tokio-postgres sends a query on its
+        // first poll; the server runs one connection's requests in order): poll it once here.
+        let early = tokio::select! {
+            biased;
+            r = &mut apply => Some(r),
+            () = std::future::ready(()) => None,
+        };
+        let flush = client.query_typed("SELECT pg_current_xact_id()::text", &[]);
+        let both = async {
+            match early {
+                Some(r) => (r, flush.await),
+                None => tokio::join!(apply, flush),
+            }
+        };
+        match tokio::time::timeout(self.timeout, both).await {
+            Ok((Ok(rows), Ok(_))) => Ok(rows
+                .first()
+                .and_then(|r| r.try_get::<_, Option<Value>>(0).ok().flatten())
+                .unwrap_or(Value::Null)),
+            Ok((Err(e), _) | (_, Err(e))) => {
+                self.reset().await;
+                Err(pg(e))
+            }
+            Err(_) => {
+                self.reset().await;
+                Err(StoreError::Postgres(format!(
+                    "PostgreSQL did not answer within {} ms",
+                    self.timeout.as_millis()
+                )))
+            }
+        }
+    }
+}
+
 /// Hands changes to the PostgreSQL writer task and asks the shared tables. Cheap to clone.
 #[derive(Clone)]
 pub struct PgHandle {
@@ -615,10 +667,7 @@ impl PgWriter {
         }
         let batch = Value::Object(batch);
         let started = Instant::now();
-        let result = self
-            .conn
-            .json("SELECT pforte_apply($1)", &[(&batch, Type::JSONB)])
-            .await;
+        let result = self.conn.apply(&batch).await;
         self.metrics
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());

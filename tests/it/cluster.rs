@@ -674,6 +674,72 @@ async fn a_database_outage_longer_than_the_lease_ends_no_live_session() {
     }
 }
 
+/// A database created by an older pforte (schema version 1, `pforte_bump` in SQL) is migrated
+/// by the first node that starts: version 2, `pforte_bump` in PL/pgSQL, the live session and the
+/// counts kept, and connects admitted and counted as before.
+async fn a_version_1_schema_is_migrated_and_keeps_its_sessions() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..3)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let setup = Setup {
+        per_user: 0,
+        ..Setup::default()
+    };
+    let fa = node(&pg, "pforte", "gwa", 30, setup, &devices);
+    let a = fa.start();
+    let (s, r) = a
+        .client()
+        .await
+        .connect_request(&connect_req(&devices[0], "alice", "k0"))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{r:?}");
+    drop(a);
+    let lang = "SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang WHERE p.proname = 'pforte_bump'";
+    assert_eq!(
+        pg.psql("pforte", "SELECT version FROM pforte_schema")
+            .trim(),
+        "2"
+    );
+    assert_eq!(pg.psql("pforte", lang).trim(), "plpgsql");
+    // Back to what version 1 left.
+    pg.psql(
+        "pforte",
+        "UPDATE pforte_schema SET version = 1;
+         CREATE OR REPLACE FUNCTION pforte_bump(p_ous text[], p_users text[], p_sign integer) RETURNS void
+         LANGUAGE sql AS $f$
+            INSERT INTO pforte_counts (kind, key, n)
+                SELECT 't', '', p_sign * cardinality(p_ous) WHERE cardinality(p_ous) > 0
+                UNION ALL SELECT 'o', k, p_sign * count(*) FROM unnest(p_ous) k GROUP BY k
+                UNION ALL SELECT 'u', k, p_sign * count(*) FROM unnest(p_users) k GROUP BY k
+            ON CONFLICT (kind, key) DO UPDATE SET n = pforte_counts.n + excluded.n;
+         $f$;",
+    );
+    assert_eq!(pg.psql("pforte", lang).trim(), "sql");
+    let a = fa.start();
+    assert_eq!(
+        pg.psql("pforte", "SELECT version FROM pforte_schema")
+            .trim(),
+        "2"
+    );
+    assert_eq!(pg.psql("pforte", lang).trim(), "plpgsql");
+    assert_eq!(listed(&a).len(), 1);
+    let (s, r) = a
+        .client()
+        .await
+        .connect_request(&connect_req(&devices[1], "alice", "k1"))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{r:?}");
+    assert_eq!(listed(&a).len(), 2);
+    assert_eq!(
+        pg.psql("pforte", "SELECT n FROM pforte_counts WHERE kind = 't'")
+            .trim(),
+        "2"
+    );
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -683,5 +749,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) the_last_node_started_sets_the_limits_and_a_differing_node_says_so, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) fail_open_admits_without_the_database_and_records_later, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_database_outage_longer_than_the_lease_ends_no_live_session, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_version_1_schema_is_migrated_and_keeps_its_sessions, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }

@@ -23,7 +23,23 @@ use crate::store::StoreError;
 const MIGRATION_LOCK: i64 = 0x7066_6f72_7465;
 
 /// Migrations, in order; each brings the schema to its version.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+
+/// Version 2: `pforte_bump` in PL/pgSQL. A non-inlinable SQL function is parsed and planned on
+/// every call; PL/pgSQL keeps its plan, which took a one-connect batch's `pforte_apply` from
+/// about 0.27 to 0.1 ms (docs/BENCHMARKS.md, PostgreSQL cluster).
+const V2: &str = r#"
+CREATE OR REPLACE FUNCTION pforte_bump(p_ous text[], p_users text[], p_sign integer) RETURNS void
+LANGUAGE plpgsql AS $f$
+BEGIN
+    INSERT INTO pforte_counts (kind, key, n)
+        SELECT 't', '', p_sign * cardinality(p_ous) WHERE cardinality(p_ous) > 0
+        UNION ALL SELECT 'o', k, p_sign * count(*) FROM unnest(p_ous) k GROUP BY k
+        UNION ALL SELECT 'u', k, p_sign * count(*) FROM unnest(p_users) k GROUP BY k
+    ON CONFLICT (kind, key) DO UPDATE SET n = pforte_counts.n + excluded.n;
+END
+$f$;
+"#;
 
 const V1: &str = r#"
 CREATE TABLE pforte_cluster (
