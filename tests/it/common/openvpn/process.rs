@@ -83,17 +83,25 @@ pub fn run_bounded(
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                // The readers may block on grandchildren holding the pipes: leave them.
-                return Err(format!("`{line}`: timed out after {timeout:?}"));
-            }
+    // A waiter thread blocks in wait(), so the exit is seen the moment it happens (the
+    // benches time commands with this; polling would round every time up to the poll step).
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let st = child.wait();
+        let _ = tx.send(());
+        st
+    });
+    let status = match rx.recv_timeout(timeout) {
+        Ok(()) => match waiter.join() {
+            Ok(Ok(st)) => st,
+            _ => return Err(format!("`{line}`: wait failed")),
+        },
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waiter.join();
+            // The readers may block on grandchildren holding the pipes: leave them.
+            return Err(format!("`{line}`: timed out after {timeout:?}"));
         }
     };
     let (out, err) = (
