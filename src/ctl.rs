@@ -319,10 +319,23 @@ pub fn status(socket: &Path, json: bool) -> Result<u8, CtlError> {
                 } else {
                     "DISCONNECTED"
                 };
-                vec![m.instance.clone(), state.to_string()]
+                let channel = match m.vpn.as_str() {
+                    "strongswan" => "VICI",
+                    "ocserv" => "occtl",
+                    _ => "management",
+                };
+                vec![
+                    m.instance.clone(),
+                    m.vpn.clone(),
+                    channel.to_string(),
+                    state.to_string(),
+                ]
             })
             .collect();
-        println!("\n{}", table(&["VPN INSTANCE", "MANAGEMENT"], &rows));
+        println!(
+            "\n{}",
+            table(&["VPN INSTANCE", "VPN", "CONTROL", "STATE"], &rows)
+        );
     }
     println!(
         "\nregistry: {} devices, {} users, loaded {} ({} s ago); session store {}",

@@ -50,8 +50,9 @@ pub struct Snapshot {
     pub registry: Registry,
     /// Zone of each OpenVPN instance (for requests that name an instance but no zone).
     pub instance_zones: HashMap<String, String>,
-    /// OpenVPN instances pforte keeps a management connection to.
-    pub managed_instances: Vec<String>,
+    /// VPN servers pforte keeps a control channel to, as (vpn, instance): OpenVPN management
+    /// interfaces, strongSwan's VICI socket, ocserv's occtl.
+    pub managed_instances: Vec<(String, String)>,
     /// Unix time it was loaded.
     pub loaded_at: i64,
 }
@@ -123,7 +124,19 @@ pub fn build_paced(config: &Config, paced: bool) -> Result<Snapshot, LoadError> 
             .openvpn
             .iter()
             .filter(|o| o.management.is_some())
-            .map(|o| o.instance.clone())
+            .map(|o| ("openvpn".to_string(), o.instance.clone()))
+            .chain(
+                config
+                    .strongswan
+                    .iter()
+                    .map(|i| ("strongswan".to_string(), i.instance.clone())),
+            )
+            .chain(
+                config
+                    .ocserv
+                    .iter()
+                    .map(|i| ("ocserv".to_string(), i.instance.clone())),
+            )
             .collect(),
         loaded_at: unix_now(),
     })

@@ -1,5 +1,5 @@
 //! The daemon at a glance (`GET /v1/status`, `pforte status`): seats, sessions per zone and org
-//! unit, quotas, management connections, the registry's age.
+//! unit, quotas, control channels to the VPN servers, the registry's age.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,13 +59,21 @@ pub struct OrgUnitCount {
     pub quota: u32,
 }
 
-/// One OpenVPN management connection.
+/// One control channel to a VPN server: OpenVPN's management interface, strongSwan's VICI
+/// socket, ocserv's occtl.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Management {
+    /// `openvpn`, `strongswan` or `ocserv` (absent from older daemons' answers: OpenVPN).
+    #[serde(default = "openvpn")]
+    pub vpn: String,
     /// VPN instance.
     pub instance: String,
-    /// Connected now.
+    /// Connected (VICI, management) or answering (occtl) now.
     pub connected: bool,
+}
+
+fn openvpn() -> String {
+    "openvpn".into()
 }
 
 /// The registry in force.
@@ -114,16 +122,24 @@ impl App {
         let mut management: Vec<Management> = snap
             .managed_instances
             .iter()
-            .map(|i| Management {
-                instance: i.clone(),
-                connected: self
-                    .metrics
-                    .openvpn_management_connected
-                    .get_metric_with_label_values(&[i])
-                    .is_ok_and(|g| g.get() == 1),
+            .map(|(vpn, i)| {
+                let gauge = if vpn == "openvpn" {
+                    self.metrics
+                        .openvpn_management_connected
+                        .get_metric_with_label_values(&[i])
+                } else {
+                    self.metrics
+                        .vpn_control_connected
+                        .get_metric_with_label_values(&[vpn, i])
+                };
+                Management {
+                    vpn: vpn.clone(),
+                    instance: i.clone(),
+                    connected: gauge.is_ok_and(|g| g.get() == 1),
+                }
             })
             .collect();
-        management.sort_by(|a, b| a.instance.cmp(&b.instance));
+        management.sort_by(|a, b| (&a.vpn, &a.instance).cmp(&(&b.vpn, &b.instance)));
         Status {
             seats: Seats {
                 capacity: cap.max_sessions,

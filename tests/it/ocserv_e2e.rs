@@ -266,6 +266,11 @@ fn ocserv_daemon_restart_reconciles_the_sessions() {
         )),
         1.0
     );
+    let status = crate::strongswan_e2e::control_status(&rig.fixture.socket());
+    let row: Vec<String> = [INSTANCE, "ocserv", "occtl", "connected"]
+        .map(String::from)
+        .to_vec();
+    assert!(status.contains(&row), "{status:?}");
     rig.ping(&a, "56", "2").unwrap();
 }
 

@@ -294,12 +294,25 @@ fn strongswan_vici_socket_gone_reconnects() {
     rig.expect_seats(1.0);
     let connected =
         format!("pforte_vpn_control_connected{{vpn=\"strongswan\",vpn_instance=\"{INSTANCE}\"}}");
+    let row = |state: &str| {
+        vec![
+            INSTANCE.to_string(),
+            "strongswan".into(),
+            "VICI".into(),
+            state.into(),
+        ]
+    };
+    let status = control_status(&rig.fixture.socket());
+    assert!(status.contains(&row("connected")), "{status:?}");
     rig.server.stop_charon();
     wait_for(
         "pforte to notice the socket gone",
         Duration::from_secs(10),
         || rig.metric(&connected) == 0.0,
     );
+    // The operator sees it too.
+    let status = control_status(&rig.fixture.socket());
+    assert!(status.contains(&row("DISCONNECTED")), "{status:?}");
     std::thread::sleep(Duration::from_secs(2));
     rig.server.start_charon().unwrap();
     wait_for("pforte to reconnect", Duration::from_secs(20), || {
@@ -333,6 +346,24 @@ fn strongswan_vici_socket_gone_reconnects() {
         || rig.server.sa_count() == 0,
     );
     rig.expect_seats(0.0);
+}
+
+/// `pforte status` over the daemon's socket: the rows of its table of control channels
+/// (instance, vpn, channel, state).
+pub fn control_status(socket: &std::path::Path) -> Vec<Vec<String>> {
+    let out = std::process::Command::new(bin())
+        .args(["status", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("VPN INSTANCE"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
 }
 
 /// The daemon's store lost: restarted without it, the daemon finds an established IKE_SA with
