@@ -149,7 +149,20 @@ impl Conn {
         params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
     ) -> Result<Value, StoreError> {
         let client = self.client().await?;
-        match tokio::time::timeout(self.timeout, client.query_typed(sql, params)).await {
+        let outcome = tokio::time::timeout(self.timeout, client.query_typed(sql, params)).await;
+        self.settle(outcome).await
+    }
+
+    /// The first column of the first row as JSON; after an error or a timeout the connection is
+    /// dropped (the next call makes a new one, to whichever host is the primary now).
+    async fn settle(
+        &self,
+        outcome: Result<
+            Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<Value, StoreError> {
+        match outcome {
             Ok(Ok(rows)) => Ok(rows
                 .first()
                 .and_then(|r| r.try_get::<_, Option<Value>>(0).ok().flatten())
@@ -201,23 +214,10 @@ impl Conn {
                 None => tokio::join!(apply, flush),
             }
         };
-        match tokio::time::timeout(self.timeout, both).await {
-            Ok((Ok(rows), Ok(_))) => Ok(rows
-                .first()
-                .and_then(|r| r.try_get::<_, Option<Value>>(0).ok().flatten())
-                .unwrap_or(Value::Null)),
-            Ok((Err(e), _) | (_, Err(e))) => {
-                self.reset().await;
-                Err(pg(e))
-            }
-            Err(_) => {
-                self.reset().await;
-                Err(StoreError::Postgres(format!(
-                    "PostgreSQL did not answer within {} ms",
-                    self.timeout.as_millis()
-                )))
-            }
-        }
+        let outcome = tokio::time::timeout(self.timeout, both)
+            .await
+            .map(|(rows, flushed)| rows.and_then(|rows| flushed.map(|_| rows)));
+        self.settle(outcome).await
     }
 }
 

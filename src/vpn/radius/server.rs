@@ -78,6 +78,32 @@ pub struct Server {
     in_flight: Arc<Semaphore>,
 }
 
+/// A client the NAS admitted that pforte has no record of (its commit failed after the Accept,
+/// or it was lost in a crash): a Disconnect-Request to the NAS it came through.
+struct Unrecorded {
+    nas: Arc<Nas>,
+    src: IpAddr,
+    id: String,
+    user: String,
+    acct: Option<String>,
+    timeout: Duration,
+    app: Arc<App>,
+}
+
+impl Unrecorded {
+    async fn disconnect(self) {
+        dae::disconnect_named(
+            &self.nas,
+            Some(self.src),
+            (&self.id, &self.user),
+            self.acct.as_deref(),
+            self.timeout,
+            &self.app.metrics,
+        )
+        .await;
+    }
+}
+
 /// Which socket a datagram came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Port {
@@ -300,23 +326,13 @@ impl Server {
         let (resp, pending) = self.app.connect_answer_first(req);
         if let Some(pending) = pending {
             let app = self.app.clone();
-            let nas = nas.clone();
             let s = pending.session();
-            let (id, user) = (s.id.clone(), s.username.clone());
             let acct = (!s.session_key.starts_with(PENDING_PREFIX)).then(|| s.session_key.clone());
-            let timeout = self.config.dae_timeout;
+            let drop_it = self.unrecorded(nas, src, &s.id, &s.username, acct);
             tokio::spawn(async move {
                 if !app.persist(pending).await {
-                    tracing::warn!(client = %nas.config.name, session = %id, "accepted session not recorded; asking the NAS to drop the client");
-                    dae::disconnect_named(
-                        &nas,
-                        Some(src),
-                        (&id, &user),
-                        acct.as_deref(),
-                        timeout,
-                        &app.metrics,
-                    )
-                    .await;
+                    tracing::warn!(client = %drop_it.nas.config.name, session = %drop_it.id, "accepted session not recorded; asking the NAS to drop the client");
+                    drop_it.disconnect().await;
                 }
             });
         }
@@ -582,21 +598,28 @@ impl Server {
             .and_then(text)
             .unwrap_or("")
             .to_string();
-        let acct = acct_id.map(str::to_string);
-        let nas = nas.clone();
-        let timeout = self.config.dae_timeout;
-        let app = self.app.clone();
-        tokio::spawn(async move {
-            dae::disconnect_named(
-                &nas,
-                Some(src),
-                (&id, &user),
-                acct.as_deref(),
-                timeout,
-                &app.metrics,
-            )
-            .await;
-        });
+        let drop_it = self.unrecorded(nas, src, &id, &user, acct_id.map(str::to_string));
+        tokio::spawn(drop_it.disconnect());
+    }
+
+    /// A client the NAS admitted and pforte does not count, to be dropped at the NAS.
+    fn unrecorded(
+        &self,
+        nas: &Arc<Nas>,
+        src: IpAddr,
+        id: &str,
+        user: &str,
+        acct: Option<String>,
+    ) -> Unrecorded {
+        Unrecorded {
+            nas: nas.clone(),
+            src,
+            id: id.to_string(),
+            user: user.to_string(),
+            acct,
+            timeout: self.config.dae_timeout,
+            app: self.app.clone(),
+        }
     }
 
     /// Ends sessions whose Accounting Start did not come in time.
