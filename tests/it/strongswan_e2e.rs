@@ -240,6 +240,39 @@ fn strongswan_rekeyed_then_blocked_by_a_reload_is_terminated() {
     rig.expect_seats(0.0);
 }
 
+/// A client that stops answering (its charon frozen) is still cut off at once when its device
+/// is blocked: `terminate` is forced, so charon does not keep the IKE_SA while it retransmits
+/// an unanswered DELETE.
+fn strongswan_a_frozen_client_blocked_by_a_reload_loses_its_sa_at_once() {
+    let pki = RsaPki::create();
+    let cert = pki.client("NB-IT-0012");
+    let row = dev(&cert, "NB-IT-0012", "alice", |d| d);
+    let rig = Rig::start(pki, std::slice::from_ref(&row));
+    let c = rig.client(&cert, "alice", None);
+    rig.up(&c);
+    c.freeze(true);
+    let blocked = std::time::Instant::now();
+    rig.fixture.write_devices(&[Dev {
+        status: "lost",
+        ..row
+    }]);
+    wait_for(
+        "the frozen client's IKE_SA to be gone from the server",
+        Duration::from_secs(5),
+        || rig.server.sa_count() == 0,
+    );
+    let took = blocked.elapsed();
+    c.freeze(false);
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert_eq!(
+        rig.metric("pforte_sessions_revoked_total{reason=\"device_blocked\"}"),
+        1.0,
+        "{}",
+        rig.context()
+    );
+    rig.expect_seats(0.0);
+}
+
 /// The daemon killed (-9) with two clients up; one IKE_SA ends while it is down. Restarted,
 /// the daemon restores both sessions, reconciles with `list-sas` and reaps the one that ended.
 fn strongswan_daemon_restart_reconciles_the_sessions() {
@@ -398,6 +431,7 @@ pub fn tests() -> Vec<Case> {
     vec![
         trial!(strongswan_admits_a_managed_device_and_terminates_each_refusal, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_rekeyed_then_blocked_by_a_reload_is_terminated, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
+        trial!(strongswan_a_frozen_client_blocked_by_a_reload_loses_its_sa_at_once, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_vici_socket_gone_reconnects, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_lost_state_sends_unknown_sas_back_through_the_gate, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),
         trial!(strongswan_daemon_restart_reconciles_the_sessions, needs: [Need::OpenVpn, Need::Tool("swanctl", "strongswan-swanctl"), Need::Tool("openssl", "openssl")]),

@@ -38,8 +38,11 @@ const IDENTITY_WAIT: Duration = Duration::from_millis(300);
 const IDENTITY_TTL: Duration = Duration::from_secs(120);
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// `terminate`'s own timeout (ms): charon answers when the DELETE is done or this passed.
-const TERMINATE_TIMEOUT_MS: &str = "2000";
+/// `terminate` is forced: charon waits this long (ms) for the client's answer to its DELETE,
+/// then destroys the IKE_SA and its CHILD_SAs anyway. Without `force` an unanswered DELETE is
+/// retransmitted for minutes while the tunnel stays up (a refused client that stops answering
+/// would keep it).
+const TERMINATE_TIMEOUT_MS: &str = "500";
 
 /// Runs the client for one instance until shutdown, reconnecting with backoff.
 pub async fn run(inst: StrongswanInstance, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
@@ -375,6 +378,7 @@ impl Watcher<'_> {
     async fn terminate(&mut self, id: u64, why: &str) -> Result<(), ConnError> {
         let args = Message::new()
             .kv("ike-id", id.to_string())
+            .kv("force", "yes")
             .kv("timeout", TERMINATE_TIMEOUT_MS);
         let (_, answer) = self.cmd.call("terminate", args, None).await?;
         if answer.str("success").as_deref() != Some("yes") {

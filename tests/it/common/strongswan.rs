@@ -389,6 +389,21 @@ impl SwanClient {
             .map(drop)
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the client's charon: a client that stops
+    /// answering.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = fs::read_to_string(self.charon.dir.path().join("run/charon.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .expect("client charon's pid file");
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
     /// Whether the client has an IKE_SA.
     pub fn has_sa(&self) -> bool {
         self.charon
