@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 
 use crate::metrics::Metrics;
-use crate::session::Session;
 
 use super::attr;
 use super::auth;
@@ -70,30 +69,9 @@ fn request(username: &str, acct_session_id: Option<&str>) -> Packet {
     p
 }
 
-/// Sends the Disconnect-Request for `session` to `nas` at `addr`; waits `timeout`, retries
-/// once. Logs and counts the result.
+/// Sends the Disconnect-Request for session `id` (named in the log) of `username` to `nas` at
+/// `addr`; waits `timeout`, retries once. Logs and counts the result.
 pub async fn disconnect(
-    nas: &Nas,
-    addr: Option<IpAddr>,
-    session: &Session,
-    acct_session_id: Option<&str>,
-    timeout: Duration,
-    metrics: &Metrics,
-) -> Result {
-    disconnect_named(
-        nas,
-        addr,
-        (&session.id, &session.username),
-        acct_session_id,
-        timeout,
-        metrics,
-    )
-    .await
-}
-
-/// As [`disconnect`], for a session known by its id (for the log), user and
-/// `Acct-Session-Id` only.
-pub async fn disconnect_named(
     nas: &Nas,
     addr: Option<IpAddr>,
     (id, username): (&str, &str),

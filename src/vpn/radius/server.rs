@@ -78,11 +78,12 @@ pub struct Server {
     in_flight: Arc<Semaphore>,
 }
 
-/// A client the NAS admitted that pforte has no record of (its commit failed after the Accept,
-/// or it was lost in a crash): a Disconnect-Request to the NAS it came through.
-struct Unrecorded {
+/// A Disconnect-Request to be sent to a NAS for one session: a kill, or a client the NAS
+/// admitted that pforte has no record of (its commit failed after the Accept, or it was lost
+/// in a crash).
+struct NasDrop {
     nas: Arc<Nas>,
-    src: IpAddr,
+    addr: Option<IpAddr>,
     id: String,
     user: String,
     acct: Option<String>,
@@ -90,11 +91,11 @@ struct Unrecorded {
     app: Arc<App>,
 }
 
-impl Unrecorded {
-    async fn disconnect(self) {
-        dae::disconnect_named(
+impl NasDrop {
+    async fn send(self) {
+        dae::disconnect(
             &self.nas,
-            Some(self.src),
+            self.addr,
             (&self.id, &self.user),
             self.acct.as_deref(),
             self.timeout,
@@ -102,6 +103,11 @@ impl Unrecorded {
         )
         .await;
     }
+}
+
+/// The `Acct-Session-Id` a session is known by at its NAS (none while it waits for its Start).
+fn acct_session_id(s: &Session) -> Option<String> {
+    (!s.session_key.starts_with(PENDING_PREFIX)).then(|| s.session_key.clone())
 }
 
 /// Which socket a datagram came in on.
@@ -327,12 +333,11 @@ impl Server {
         if let Some(pending) = pending {
             let app = self.app.clone();
             let s = pending.session();
-            let acct = (!s.session_key.starts_with(PENDING_PREFIX)).then(|| s.session_key.clone());
-            let drop_it = self.unrecorded(nas, src, &s.id, &s.username, acct);
+            let drop_it = self.nas_drop(nas, Some(src), &s.id, &s.username, acct_session_id(s));
             tokio::spawn(async move {
                 if !app.persist(pending).await {
                     tracing::warn!(client = %drop_it.nas.config.name, session = %drop_it.id, "accepted session not recorded; asking the NAS to drop the client");
-                    drop_it.disconnect().await;
+                    drop_it.send().await;
                 }
             });
         }
@@ -598,22 +603,22 @@ impl Server {
             .and_then(text)
             .unwrap_or("")
             .to_string();
-        let drop_it = self.unrecorded(nas, src, &id, &user, acct_id.map(str::to_string));
-        tokio::spawn(drop_it.disconnect());
+        let drop_it = self.nas_drop(nas, Some(src), &id, &user, acct_id.map(str::to_string));
+        tokio::spawn(drop_it.send());
     }
 
-    /// A client the NAS admitted and pforte does not count, to be dropped at the NAS.
-    fn unrecorded(
+    /// A Disconnect-Request for session `id` of `user`, to `nas` at `addr`.
+    fn nas_drop(
         &self,
         nas: &Arc<Nas>,
-        src: IpAddr,
+        addr: Option<IpAddr>,
         id: &str,
         user: &str,
         acct: Option<String>,
-    ) -> Unrecorded {
-        Unrecorded {
+    ) -> NasDrop {
+        NasDrop {
             nas: nas.clone(),
-            src,
+            addr,
             id: id.to_string(),
             user: user.to_string(),
             acct,
@@ -674,12 +679,8 @@ impl Server {
             return;
         };
         let addr = addr.or(nas.config.dae_address);
-        let acct = (!s.session_key.starts_with(PENDING_PREFIX)).then(|| s.session_key.clone());
-        let timeout = self.config.dae_timeout;
-        let app = self.app.clone();
-        tokio::spawn(async move {
-            dae::disconnect(&nas, addr, &s, acct.as_deref(), timeout, &app.metrics).await;
-        });
+        let drop_it = self.nas_drop(&nas, addr, &s.id, &s.username, acct_session_id(&s));
+        tokio::spawn(drop_it.send());
     }
 }
 
