@@ -186,12 +186,18 @@ impl Conn {
     /// Runs one writer batch (`pforte_apply`) durably, with the cluster's lock held as briefly
     /// as PostgreSQL allows. The batch's transaction commits asynchronously, so its row locks
     /// (the cluster row, the counters) are let go without waiting for the WAL flush; pipelined
-    /// behind it in the same round trip, a second transaction takes an xid and commits with the
-    /// server's own `synchronous_commit`: it returns only once the WAL is flushed (and, where the
-    /// operator runs synchronous replication, replicated) past its commit record, and so past the
-    /// batch's, which was written before it. Nobody is answered before that. Another node may
-    /// see the batch's counts before they are durable; its own batch is written after them,
-    /// so it is never durable without them.
+    /// behind it in the same round trip, a second transaction commits with the server's own
+    /// `synchronous_commit`: it returns only once the WAL is flushed (and, where the operator runs
+    /// synchronous replication, replicated) past its commit record, and so past the batch's,
+    /// which was written before it. Nobody is answered before that. Another node may see the
+    /// batch's counts before they are durable; its own batch is written after them, so it is
+    /// never durable without them.
+    ///
+    /// The second transaction must write WAL: PostgreSQL commits a transaction that wrote none
+    /// without flushing, even with an xid and `synchronous_commit = on` (xact.c,
+    /// `RecordTransactionCommit`). A transactional logical message is the smallest write there
+    /// is (no table, no row lock, any role may send it, at any `wal_level`); logical decoding
+    /// consumers see it with the prefix `pforte` and an empty body.
     async fn apply(&self, batch: &Value) -> Result<Value, StoreError> {
         let client = self.client().await?;
         let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
@@ -207,7 +213,10 @@ impl Conn {
             r = &mut apply => Some(r),
             () = std::future::ready(()) => None,
         };
-        let flush = client.query_typed("SELECT pg_current_xact_id()::text", &[]);
+        let flush = client.query_typed(
+            "SELECT pg_logical_emit_message(true, 'pforte', '')::text",
+            &[],
+        );
         let both = async {
             match early {
                 Some(r) => (r, flush.await),

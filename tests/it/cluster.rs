@@ -740,6 +740,53 @@ async fn a_version_1_schema_is_migrated_and_keeps_its_sessions() {
     );
 }
 
+/// Every admission is on disk before it is answered: forty connects one after another (each
+/// answered before the next is sent) cost PostgreSQL at least forty WAL flushes. A pforte whose
+/// flush statement wrote no WAL had PostgreSQL commit it without one (its syncs came from
+/// the WAL writer, a few per second) and answered connects that a crash of the server could
+/// still lose.
+async fn every_admission_is_flushed_to_disk_before_it_is_answered() {
+    const N: usize = 40;
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..N)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let setup = Setup {
+        per_user: 0,
+        ..Setup::default()
+    };
+    let fa = node(&pg, "pforte", "gwa", 60, setup, &devices);
+    let syncs = |out: &str| out.trim().parse::<u64>().unwrap_or(0);
+    let before = syncs(&pg.psql("pforte", "SELECT wal_sync FROM pg_stat_wal"));
+    let a = fa.start();
+    let mut c = a.client().await;
+    for (i, dev) in devices.iter().enumerate() {
+        let (_, r) = c
+            .connect_request(&connect_req(dev, "alice", &format!("k{i}")))
+            .await
+            .unwrap();
+        assert_eq!(reason(&r), "allowed");
+    }
+    drop(c);
+    // A backend reports its counts when it ends: the node's connections end with the node.
+    drop(a);
+    let after = pg.wait_query(
+        "pforte",
+        "SELECT wal_sync FROM pg_stat_wal",
+        Duration::from_secs(10),
+        |o| syncs(o) >= before + N as u64,
+    );
+    assert!(
+        syncs(&after) >= before + N as u64,
+        "{N} connects answered one at a time, {} WAL flushes",
+        syncs(&after) - before
+    );
+    assert_eq!(
+        pg.psql("pforte", "SELECT count(*) FROM pforte_sessions"),
+        N.to_string()
+    );
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -750,5 +797,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) fail_open_admits_without_the_database_and_records_later, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_database_outage_longer_than_the_lease_ends_no_live_session, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_version_1_schema_is_migrated_and_keeps_its_sessions, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) every_admission_is_flushed_to_disk_before_it_is_answered, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }
