@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{CommitError, StoreError, StoreOp};
 use crate::audit::Audit;
@@ -48,6 +48,11 @@ enum Job {
     Flush(Ack),
 }
 
+/// A writer batch: decided and recorded, committed without waiting for the WAL flush.
+const APPLY: &str = "SELECT pforte_apply($1), set_config('synchronous_commit', 'off', true)";
+/// Behind it: a transaction that writes WAL and commits with the server's setting.
+const FLUSH: &str = "SELECT pg_logical_emit_message(true, 'pforte', '')::text";
+
 /// One connection that is made again when lost, with backoff between failed attempts; while
 /// the backoff runs, calls fail at once instead of waiting.
 struct Conn {
@@ -60,6 +65,9 @@ struct Conn {
 
 struct ConnState {
     client: Option<Arc<Client>>,
+    /// The writer's two statements, prepared on `client` (parsed and planned once per
+    /// connection instead of once per batch).
+    batch: Option<(Statement, Statement)>,
     next_try: Instant,
     backoff: Duration,
     down_since: Option<Instant>,
@@ -77,6 +85,7 @@ impl Conn {
             timeout,
             state: Mutex::new(ConnState {
                 client: None,
+                batch: None,
                 next_try: Instant::now(),
                 backoff: Duration::from_millis(100),
                 down_since: None,
@@ -88,12 +97,47 @@ impl Conn {
 
     async fn client(&self) -> Result<Arc<Client>, StoreError> {
         let mut st = self.state.lock().await;
+        self.client_in(&mut st).await
+    }
+
+    /// The connection and the writer's statements on it, prepared the first time.
+    async fn batch_client(&self) -> Result<(Arc<Client>, Statement, Statement), StoreError> {
+        let mut st = self.state.lock().await;
+        let client = self.client_in(&mut st).await?;
+        if let Some((apply, flush)) = &st.batch {
+            return Ok((client, apply.clone(), flush.clone()));
+        }
+        let both = async {
+            let apply = client.prepare_typed(APPLY, &[Type::JSONB]).await?;
+            let flush = client.prepare_typed(FLUSH, &[]).await?;
+            Ok::<_, tokio_postgres::Error>((apply, flush))
+        };
+        match tokio::time::timeout(self.timeout, both).await {
+            Ok(Ok((apply, flush))) => {
+                st.batch = Some((apply.clone(), flush.clone()));
+                Ok((client, apply, flush))
+            }
+            outcome => {
+                st.client = None;
+                Err(match outcome {
+                    Ok(Err(e)) => pg(e),
+                    _ => StoreError::Postgres(format!(
+                        "PostgreSQL did not answer within {} ms",
+                        self.timeout.as_millis()
+                    )),
+                })
+            }
+        }
+    }
+
+    async fn client_in(&self, st: &mut ConnState) -> Result<Arc<Client>, StoreError> {
         if let Some(c) = &st.client
             && !c.is_closed()
         {
             return Ok(Arc::clone(c));
         }
         st.client = None;
+        st.batch = None;
         if Instant::now() < st.next_try {
             return Err(StoreError::Postgres(
                 "PostgreSQL unreachable; waiting before the next attempt".into(),
@@ -138,7 +182,9 @@ impl Conn {
     /// Forgets the connection (after an error or a timeout): the next call makes a new one,
     /// to whichever host is the primary now.
     async fn reset(&self) {
-        self.state.lock().await.client = None;
+        let mut st = self.state.lock().await;
+        st.client = None;
+        st.batch = None;
     }
 
     /// Runs one statement returning one jsonb value, with the statement timeout on this side
@@ -199,13 +245,9 @@ impl Conn {
     /// is (no table, no row lock, any role may send it, at any `wal_level`); logical decoding
     /// consumers see it with the prefix `pforte` and an empty body.
     async fn apply(&self, batch: &Value) -> Result<Value, StoreError> {
-        let client = self.client().await?;
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
-            [(batch, Type::JSONB)];
-        let mut apply = std::pin::pin!(client.query_typed(
-            "SELECT pforte_apply($1), set_config('synchronous_commit', 'off', true)",
-            &params,
-        ));
+        let (client, apply, flush) = self.batch_client().await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [batch];
+        let mut apply = std::pin::pin!(client.query(&apply, &params));
         // The batch's request must reach the server first (tokio-postgres sends a query on its
         // first poll; the server runs one connection's requests in order): poll it once here.
         let early = tokio::select! {
@@ -213,10 +255,7 @@ impl Conn {
             r = &mut apply => Some(r),
             () = std::future::ready(()) => None,
         };
-        let flush = client.query_typed(
-            "SELECT pg_logical_emit_message(true, 'pforte', '')::text",
-            &[],
-        );
+        let flush = client.query(&flush, &[]);
         let both = async {
             match early {
                 Some(r) => (r, flush.await),
