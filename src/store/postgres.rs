@@ -386,6 +386,15 @@ pub async fn open(
         }
     };
     let version = schema::migrate(&mut client).await?;
+    // Every batch waits for its WAL flush with this statement: a role that may not run it would
+    // have every connect refused, so it is refused here, saying what to grant.
+    client.batch_execute(FLUSH).await.map_err(|e| {
+        StoreError::Postgres(format!(
+            "{}; pforte waits for each commit's WAL flush with pg_logical_emit_message \
+             (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO this role)",
+            pg(e)
+        ))
+    })?;
     drop(client);
     let side = Arc::new(Conn::new(
         config.clone(),

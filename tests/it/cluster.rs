@@ -787,6 +787,71 @@ async fn every_admission_is_flushed_to_disk_before_it_is_answered() {
     );
 }
 
+/// A role that may not send a logical message (each batch waits for its WAL flush with one)
+/// is refused at start, with what to grant, instead of refusing every connect later.
+async fn a_role_that_cannot_wait_for_the_flush_is_refused_at_start() {
+    let pg = Postgres::start();
+    let pw = std::fs::read_to_string(pg.password_file()).unwrap();
+    pg.psql(
+        "postgres",
+        &format!("CREATE ROLE lowly LOGIN PASSWORD '{}'", pw.trim()),
+    );
+    pg.psql("postgres", "CREATE DATABASE lowdb OWNER lowly");
+    pg.psql(
+        "lowdb",
+        "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
+    );
+    let devices = [Dev::good("D-0", "alice")];
+    let mut f = node(&pg, "lowdb", "gwa", 30, Setup::default(), &devices);
+    f.setup.env.push((
+        "PFORTE_STORE__URL".into(),
+        pg.url("lowdb").replacen("pforte@", "lowly@", 1),
+    ));
+    let err_file = f.path("refused.err");
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(f.config())
+        .envs(f.setup.env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "still running or succeeded: {status:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("GRANT EXECUTE ON FUNCTION pg_logical_emit_message"),
+        "{stderr}"
+    );
+    // Granted, the same node starts and admits.
+    pg.psql(
+        "lowdb",
+        "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO lowly",
+    );
+    let d = f.start();
+    let (_, r) = d
+        .client()
+        .await
+        .connect_request(&connect_req(&devices[0], "alice", "k0"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&r), "allowed");
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -798,5 +863,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) a_database_outage_longer_than_the_lease_ends_no_live_session, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_version_1_schema_is_migrated_and_keeps_its_sessions, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) every_admission_is_flushed_to_disk_before_it_is_answered, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_role_that_cannot_wait_for_the_flush_is_refused_at_start, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
     ]
 }
