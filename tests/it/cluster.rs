@@ -1,7 +1,8 @@
 //! Several pforte nodes sharing one seat pool on a real PostgreSQL (started by the tests in a
 //! temp folder): the oversell race for each of the four limits, sessions listed and killed
 //! from any node, a node restarted while its sessions live, kill -9 of a node and its lease
-//! lapsing, and PostgreSQL stopped and started during a storm of connects.
+//! lapsing, PostgreSQL stopped and started during a storm of connects, and a failover to a
+//! promoted synchronous standby.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -852,6 +853,134 @@ async fn a_role_that_cannot_wait_for_the_flush_is_refused_at_start() {
     assert_eq!(reason(&r), "allowed");
 }
 
+/// The primary fails over mid-storm to a synchronous standby that is promoted: the node, given
+/// both hosts with `target_session_attrs=read-write`, follows to the new primary by itself;
+/// connects in between are refused `store_unavailable`; every connect acknowledged before the
+/// crash is on the new primary (each answer waited for the standby's flush), and nothing
+/// refused is kept there.
+async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowledged() {
+    let primary = Postgres::start();
+    let standby = Postgres::standby_of(&primary);
+    primary.psql(
+        "postgres",
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+    );
+    primary.psql("postgres", "SELECT pg_reload_conf()");
+    let sync = primary.wait_query(
+        "postgres",
+        "SELECT sync_state FROM pg_stat_replication",
+        Duration::from_secs(10),
+        |o| o == "sync",
+    );
+    assert_eq!(sync, "sync", "the standby streams synchronously");
+    let dev = Dev::good("D-0", "alice");
+    let setup = Setup {
+        max_sessions: 100_000,
+        per_user: 0,
+        pool: "10.213.0.0/16".into(),
+        ..Setup::default()
+    };
+    let mut f = node(
+        &primary,
+        "pforte",
+        "gwa",
+        60,
+        setup,
+        std::slice::from_ref(&dev),
+    );
+    f.setup.env.push((
+        "PFORTE_STORE__URL".into(),
+        format!(
+            "postgresql://pforte@127.0.0.1:{},127.0.0.1:{}/pforte?target_session_attrs=read-write",
+            primary.port, standby.port
+        ),
+    ));
+    let d = f.start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let socket = d.socket.clone();
+        let stop = stop.clone();
+        let dev = dev.clone();
+        tokio::spawn(async move {
+            let mut out: Vec<(Instant, Duration, ConnectResponse)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 20_000 {
+                let started = Instant::now();
+                let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
+                let (_, r) = c
+                    .connect_request(&connect_req(&dev, "alice", &format!("k{i}")))
+                    .await
+                    .unwrap();
+                out.push((started, started.elapsed(), r));
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let crashed_at = Instant::now();
+    tokio::task::block_in_place(|| {
+        primary.crash();
+        standby.promote();
+    });
+    let promoted_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers = storm.await.unwrap();
+    let before_crash = answers
+        .iter()
+        .filter(|(at, took, r)| *at + *took < crashed_at && r.decision == Decision::Allow)
+        .count();
+    assert!(
+        before_crash > 50,
+        "{before_crash} admitted before the crash"
+    );
+    let refused: Vec<String> = answers
+        .iter()
+        .filter(|(_, _, r)| r.decision != Decision::Allow)
+        .map(|(_, _, r)| reason(r))
+        .collect();
+    assert!(
+        refused.iter().all(|r| r == "store_unavailable"),
+        "{refused:?}\n{}",
+        d.log()
+    );
+    let late_allowed = answers
+        .iter()
+        .filter(|(at, _, r)| {
+            *at > promoted_at + Duration::from_secs(3) && r.decision == Decision::Allow
+        })
+        .count();
+    assert!(
+        late_allowed > 10,
+        "followed to the new primary: {late_allowed} admitted 3 s after the promotion\n{}",
+        d.log()
+    );
+    let acked: HashSet<String> = answers
+        .iter()
+        .filter_map(|(_, _, r)| r.session_id.clone())
+        .collect();
+    standby.wait_query(
+        "pforte",
+        "SELECT count(*) FROM pforte_sessions",
+        Duration::from_secs(5),
+        |o| o == acked.len().to_string(),
+    );
+    let ids: HashSet<String> = standby
+        .psql("pforte", "SELECT id FROM pforte_sessions")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let lost: Vec<&String> = acked.difference(&ids).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged, missing after the failover: {lost:?}"
+    );
+    assert_eq!(ids, acked, "nothing refused is kept");
+    assert_eq!(d.metric("pforte_store_healthy"), Some(1.0));
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -864,5 +993,6 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) a_version_1_schema_is_migrated_and_keeps_its_sessions, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) every_admission_is_flushed_to_disk_before_it_is_answered, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_role_that_cannot_wait_for_the_flush_is_refused_at_start, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowledged, needs: [NEEDS[0], NEEDS[1], NEEDS[2], Need::Tool("pg_basebackup", "postgresql")]),
     ]
 }

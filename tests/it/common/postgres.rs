@@ -114,6 +114,79 @@ impl Postgres {
         pg
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R` over its socket), started and
+    /// answering (read-only) on its own port and folder.
+    pub fn standby_of(primary: &Postgres) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("pforte-pg-standby")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(
+            dir.path(),
+            Some(nix::unistd::Uid::from_raw(primary.uid)),
+            Some(nix::unistd::Gid::from_raw(primary.gid)),
+        )
+        .unwrap();
+        let pg = Postgres {
+            dir,
+            port: super::free_port(),
+            uid: primary.uid,
+            gid: primary.gid,
+        };
+        std::fs::write(pg.path("pwfile"), PASSWORD).unwrap();
+        let data = pg.path("data");
+        pg.run_as(
+            program("pg_basebackup"),
+            &[
+                "-h",
+                primary.dir.path().to_str().unwrap(),
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "pforte",
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+            ],
+        );
+        pg.start_server();
+        pg
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        self.run_as(
+            program("pg_ctl"),
+            &[
+                "-D",
+                self.path("data").to_str().unwrap(),
+                "-w",
+                "-t",
+                "30",
+                "promote",
+            ],
+        );
+    }
+
+    /// Stops the server as a crash would (`immediate`: no shutdown checkpoint, nothing flushed).
+    pub fn crash(&self) {
+        self.run_as(
+            program("pg_ctl"),
+            &[
+                "-D",
+                self.path("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
