@@ -81,6 +81,74 @@ async fn race(nodes: &[Daemon], per_node: Vec<Vec<ConnectRequest>>) -> Vec<Conne
     out
 }
 
+/// A paced storm's answers: (sent at, time to answer, answer).
+type Answers = Vec<(Instant, Duration, ConnectResponse)>;
+
+/// Connects `dev` to the node every 5 ms, each on a fresh connection with session key
+/// `{tag}-{i}`, until `stop` is set (at most 20,000 connects).
+fn paced_storm(
+    d: &Daemon,
+    dev: &Dev,
+    tag: &str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Answers> {
+    let (socket, dev, tag, stop) = (d.socket.clone(), dev.clone(), tag.to_string(), stop.clone());
+    tokio::spawn(async move {
+        let mut out = Answers::new();
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 20_000 {
+            let started = Instant::now();
+            let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
+            let (_, r) = c
+                .connect_request(&connect_req(&dev, "alice", &format!("{tag}-{i}")))
+                .await
+                .unwrap();
+            out.push((started, started.elapsed(), r));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        out
+    })
+}
+
+/// Connects sent after `t` and admitted.
+fn admitted_after(answers: &Answers, t: Instant) -> usize {
+    answers
+        .iter()
+        .filter(|(at, _, r)| *at > t && r.decision == Decision::Allow)
+        .count()
+}
+
+/// The database holds exactly the sessions acknowledged: nothing acknowledged lost, nothing
+/// refused kept (compensating deletes of candidates whose outcome was unknown are given 5 s).
+fn assert_holds_exactly_the_acknowledged(pg: &Postgres, answers: &Answers) {
+    let acked: HashSet<String> = answers
+        .iter()
+        .filter_map(|(_, _, r)| r.session_id.clone())
+        .collect();
+    pg.wait_query(
+        "pforte",
+        "SELECT count(*) FROM pforte_sessions",
+        Duration::from_secs(5),
+        |o| o == acked.len().to_string(),
+    );
+    let ids: HashSet<String> = pg
+        .psql("pforte", "SELECT id FROM pforte_sessions")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let lost: Vec<&String> = acked.difference(&ids).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged, missing from the database: {lost:?}"
+    );
+    let kept: Vec<&String> = ids.difference(&acked).collect();
+    assert!(
+        kept.is_empty(),
+        "not acknowledged, kept in the database: {kept:?}"
+    );
+}
+
 struct Scenario {
     db: &'static str,
     setup: Setup,
@@ -408,28 +476,11 @@ async fn postgres_stopped_and_started_during_a_storm() {
         .collect();
     let nodes: Vec<Daemon> = fixtures.iter().map(Fixture::start).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut storms = Vec::new();
-    for (n, d) in nodes.iter().enumerate() {
-        let socket = d.socket.clone();
-        let dev = devices[n].clone();
-        let stop = stop.clone();
-        storms.push(tokio::spawn(async move {
-            let mut out: Vec<(Instant, Duration, ConnectResponse)> = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let started = Instant::now();
-                let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
-                let (_, r) = c
-                    .connect_request(&connect_req(&dev, "alice", &format!("n{n}-{i}")))
-                    .await
-                    .unwrap();
-                out.push((started, started.elapsed(), r));
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            out
-        }));
-    }
+    let storms: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(n, d)| paced_storm(d, &devices[n], &format!("n{n}"), &stop))
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pg_ref = &pg;
     tokio::task::block_in_place(|| pg_ref.stop_server());
@@ -484,41 +535,12 @@ async fn postgres_stopped_and_started_during_a_storm() {
             );
         }
     }
-    let late_allowed = answers
-        .iter()
-        .filter(|(at, _, r)| {
-            *at > started_at + Duration::from_secs(3) && r.decision == Decision::Allow
-        })
-        .count();
+    let late_allowed = admitted_after(&answers, started_at + Duration::from_secs(3));
     assert!(
         late_allowed > 10,
         "recovered: {late_allowed} admitted after the restart"
     );
-    let acked: HashSet<String> = answers
-        .iter()
-        .filter_map(|(_, _, r)| r.session_id.clone())
-        .collect();
-    // Compensating deletes of candidates whose outcome was unknown are retried by now.
-    let db = pg.wait_query(
-        "pforte",
-        "SELECT count(*) FROM pforte_sessions",
-        Duration::from_secs(5),
-        |o| o == acked.len().to_string(),
-    );
-    assert_eq!(
-        db,
-        acked.len().to_string(),
-        "the database holds exactly the acknowledged sessions"
-    );
-    let ids: HashSet<String> = pg
-        .psql("pforte", "SELECT id FROM pforte_sessions")
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(
-        ids, acked,
-        "nothing acknowledged is lost, nothing refused is kept"
-    );
+    assert_holds_exactly_the_acknowledged(&pg, &answers);
     for d in &nodes {
         assert_eq!(d.metric("pforte_store_healthy"), Some(1.0));
         assert!(d.log().contains("PostgreSQL reachable again"));
@@ -897,27 +919,7 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
     ));
     let d = f.start();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = {
-        let socket = d.socket.clone();
-        let stop = stop.clone();
-        let dev = dev.clone();
-        tokio::spawn(async move {
-            let mut out: Vec<(Instant, Duration, ConnectResponse)> = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 20_000 {
-                let started = Instant::now();
-                let mut c = pforte::client::UnixClient::connect(&socket).await.unwrap();
-                let (_, r) = c
-                    .connect_request(&connect_req(&dev, "alice", &format!("k{i}")))
-                    .await
-                    .unwrap();
-                out.push((started, started.elapsed(), r));
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            out
-        })
-    };
+    let storm = paced_storm(&d, &dev, "k", &stop);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let crashed_at = Instant::now();
     tokio::task::block_in_place(|| {
@@ -946,38 +948,13 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
         "{refused:?}\n{}",
         d.log()
     );
-    let late_allowed = answers
-        .iter()
-        .filter(|(at, _, r)| {
-            *at > promoted_at + Duration::from_secs(3) && r.decision == Decision::Allow
-        })
-        .count();
+    let late_allowed = admitted_after(&answers, promoted_at + Duration::from_secs(3));
     assert!(
         late_allowed > 10,
         "followed to the new primary: {late_allowed} admitted 3 s after the promotion\n{}",
         d.log()
     );
-    let acked: HashSet<String> = answers
-        .iter()
-        .filter_map(|(_, _, r)| r.session_id.clone())
-        .collect();
-    standby.wait_query(
-        "pforte",
-        "SELECT count(*) FROM pforte_sessions",
-        Duration::from_secs(5),
-        |o| o == acked.len().to_string(),
-    );
-    let ids: HashSet<String> = standby
-        .psql("pforte", "SELECT id FROM pforte_sessions")
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let lost: Vec<&String> = acked.difference(&ids).collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged, missing after the failover: {lost:?}"
-    );
-    assert_eq!(ids, acked, "nothing refused is kept");
+    assert_holds_exactly_the_acknowledged(&standby, &answers);
     assert_eq!(d.metric("pforte_store_healthy"), Some(1.0));
 }
 
