@@ -97,13 +97,18 @@ impl Conn {
 
     async fn client(&self) -> Result<Arc<Client>, StoreError> {
         let mut st = self.state.lock().await;
-        self.client_in(&mut st).await
+        self.client_in(&mut st, self.timeout).await
     }
 
-    /// The connection and the writer's statements on it, prepared the first time.
-    async fn batch_client(&self) -> Result<(Arc<Client>, Statement, Statement), StoreError> {
+    /// The connection and the writer's statements on it, prepared the first time; connecting
+    /// and preparing take at most `within`.
+    async fn batch_client(
+        &self,
+        within: Duration,
+    ) -> Result<(Arc<Client>, Statement, Statement), StoreError> {
+        let started = Instant::now();
         let mut st = self.state.lock().await;
-        let client = self.client_in(&mut st).await?;
+        let client = self.client_in(&mut st, within).await?;
         if let Some((apply, flush)) = &st.batch {
             return Ok((client, apply.clone(), flush.clone()));
         }
@@ -112,7 +117,8 @@ impl Conn {
             let flush = client.prepare_typed(FLUSH, &[]).await?;
             Ok::<_, tokio_postgres::Error>((apply, flush))
         };
-        match tokio::time::timeout(self.timeout, both).await {
+        let left = within.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, both).await {
             Ok(Ok((apply, flush))) => {
                 st.batch = Some((apply.clone(), flush.clone()));
                 Ok((client, apply, flush))
@@ -123,14 +129,19 @@ impl Conn {
                     Ok(Err(e)) => pg(e),
                     _ => StoreError::Postgres(format!(
                         "PostgreSQL did not answer within {} ms",
-                        self.timeout.as_millis()
+                        within.as_millis()
                     )),
                 })
             }
         }
     }
 
-    async fn client_in(&self, st: &mut ConnState) -> Result<Arc<Client>, StoreError> {
+    /// The connection, made again (within `within` at most) if there is none.
+    async fn client_in(
+        &self,
+        st: &mut ConnState,
+        within: Duration,
+    ) -> Result<Arc<Client>, StoreError> {
         if let Some(c) = &st.client
             && !c.is_closed()
         {
@@ -143,7 +154,7 @@ impl Conn {
                 "PostgreSQL unreachable; waiting before the next attempt".into(),
             ));
         }
-        match tokio::time::timeout(self.timeout, self.config.connect(NoTls)).await {
+        match tokio::time::timeout(within.min(self.timeout), self.config.connect(NoTls)).await {
             Ok(Ok((client, connection))) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -196,7 +207,7 @@ impl Conn {
     ) -> Result<Value, StoreError> {
         let client = self.client().await?;
         let outcome = tokio::time::timeout(self.timeout, client.query_typed(sql, params)).await;
-        self.settle(outcome).await
+        self.settle(outcome, self.timeout).await
     }
 
     /// The first column of the first row as JSON; after an error or a timeout the connection is
@@ -207,6 +218,7 @@ impl Conn {
             Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
             tokio::time::error::Elapsed,
         >,
+        within: Duration,
     ) -> Result<Value, StoreError> {
         match outcome {
             Ok(Ok(rows)) => Ok(rows
@@ -221,7 +233,7 @@ impl Conn {
                 self.reset().await;
                 Err(StoreError::Postgres(format!(
                     "PostgreSQL did not answer within {} ms",
-                    self.timeout.as_millis()
+                    within.as_millis()
                 )))
             }
         }
@@ -244,8 +256,18 @@ impl Conn {
     /// `RecordTransactionCommit`). A transactional logical message is the smallest write there
     /// is (no table, no row lock, any role may send it, at any `wal_level`); logical decoding
     /// consumers see it with the prefix `pforte` and an empty body.
-    async fn apply(&self, batch: &Value) -> Result<Value, StoreError> {
-        let (client, apply, flush) = self.batch_client().await?;
+    ///
+    /// All of it (connecting included) takes at most `within`: the time the batch's oldest
+    /// waiter has left of the statement timeout.
+    async fn apply(&self, batch: &Value, within: Duration) -> Result<Value, StoreError> {
+        if within < Duration::from_millis(1) {
+            // Its waiters have given up by now; the connection is left alone.
+            return Err(StoreError::Postgres(
+                "the batch waited its whole statement timeout for the one before it".into(),
+            ));
+        }
+        let started = Instant::now();
+        let (client, apply, flush) = self.batch_client(within).await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [batch];
         let mut apply = std::pin::pin!(client.query(&apply, &params));
         // The batch's request must reach the server first (tokio-postgres sends a query on its
@@ -262,17 +284,18 @@ impl Conn {
                 None => tokio::join!(apply, flush),
             }
         };
-        let outcome = tokio::time::timeout(self.timeout, both)
+        let outcome = tokio::time::timeout(within.saturating_sub(started.elapsed()), both)
             .await
             .map(|(rows, flushed)| rows.and_then(|rows| flushed.map(|_| rows)));
-        self.settle(outcome).await
+        self.settle(outcome, within).await
     }
 }
 
 /// Hands changes to the PostgreSQL writer task and asks the shared tables. Cheap to clone.
 #[derive(Clone)]
 pub struct PgHandle {
-    jobs: mpsc::UnboundedSender<Job>,
+    /// Each change with the moment it was queued (its waiter's statement timeout runs from it).
+    jobs: mpsc::UnboundedSender<(Instant, Job)>,
     side: Arc<Conn>,
     node: Arc<str>,
     lease: Duration,
@@ -445,7 +468,9 @@ impl PgHandle {
     }
 
     fn push(&self, job: Job) -> Result<(), CommitError> {
-        self.jobs.send(job).map_err(|_| CommitError::Stopped)
+        self.jobs
+            .send((Instant::now(), job))
+            .map_err(|_| CommitError::Stopped)
     }
 
     /// Asks the database to admit a session (seats, reserved seats, org-unit quota, per-user
@@ -618,7 +643,7 @@ struct PgWriter {
 }
 
 impl PgWriter {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Instant, Job)>) {
         let mut pause = Duration::from_millis(100);
         loop {
             let first = if self.retry.is_empty() {
@@ -643,7 +668,7 @@ impl PgWriter {
                     }
                 }
             };
-            let mut jobs: Vec<Job> = first.into_iter().collect();
+            let mut jobs: Vec<(Instant, Job)> = first.into_iter().collect();
             while jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(j) => jobs.push(j),
@@ -660,7 +685,17 @@ impl PgWriter {
 
     /// Commits the jobs (and the changes to retry) in one call; answers everyone; false if it
     /// failed.
-    async fn commit(&mut self, jobs: Vec<Job>) -> bool {
+    async fn commit(&mut self, jobs: Vec<(Instant, Job)>) -> bool {
+        // Everyone waiting is answered within the statement timeout from when they queued
+        // (a hook gives up soon after): the batch gets what its oldest waiter has left.
+        let timeout = self.conn.timeout;
+        let now = Instant::now();
+        let within = jobs
+            .iter()
+            .filter(|(_, job)| !matches!(job, Job::Op(_, None, _)))
+            .map(|(queued, _)| (*queued + timeout).saturating_duration_since(now))
+            .min()
+            .unwrap_or(timeout);
         let mut upsert: Vec<Session> = Vec::new();
         let mut delete: Vec<String> = Vec::new();
         let mut bytes: Vec<(String, u64, u64)> = Vec::new();
@@ -678,7 +713,7 @@ impl PgWriter {
         for op in std::mem::take(&mut self.retry) {
             add(op, &mut upsert, &mut delete, &mut bytes);
         }
-        for job in jobs {
+        for (_, job) in jobs {
             match job {
                 Job::Admit(s, line, ack) => admits.push((s, line, ack)),
                 Job::Op(op, ack, line) => {
@@ -724,7 +759,7 @@ impl PgWriter {
         }
         let batch = Value::Object(batch);
         let started = Instant::now();
-        let result = self.conn.apply(&batch).await;
+        let result = self.conn.apply(&batch, within).await;
         self.metrics
             .store_commit_duration
             .observe(started.elapsed().as_secs_f64());

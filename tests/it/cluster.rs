@@ -958,6 +958,72 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
     assert_eq!(d.metric("pforte_store_healthy"), Some(1.0));
 }
 
+/// A hung database (every PostgreSQL process stopped with SIGSTOP, so connections stay open and
+/// nothing answers) never holds a connect longer than the hook's own 2 s: each is answered
+/// within the statement timeout (1.5 s by default) and refused `store_unavailable`; once the
+/// database goes on, the node admits again without a restart, and the database holds exactly
+/// the connects acknowledged.
+async fn a_hung_database_never_holds_a_connect_beyond_the_hooks_timeout() {
+    let pg = Postgres::start();
+    let devices: Vec<Dev> = (0..4)
+        .map(|i| Dev::good(&format!("D-{i}"), "alice"))
+        .collect();
+    let setup = Setup {
+        max_sessions: 100_000,
+        per_user: 0,
+        pool: "10.213.0.0/16".into(),
+        ..Setup::default()
+    };
+    let f = node(&pg, "pforte", "gwa", 60, setup, &devices);
+    let d = f.start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four clients at once: connects arrive while a batch hangs, and wait behind it.
+    let storms: Vec<_> = devices
+        .iter()
+        .enumerate()
+        .map(|(n, dev)| paced_storm(&d, dev, &format!("c{n}"), &stop))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    pg.freeze();
+    let frozen_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    pg.thaw();
+    let thawed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Answers::new();
+    for s in storms {
+        answers.extend(s.await.unwrap());
+    }
+    let slowest = answers.iter().map(|(_, took, _)| *took).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a connect took {slowest:?} (the hook gives up after 2 s)\n{}",
+        d.log()
+    );
+    let refused: Vec<String> = answers
+        .iter()
+        .filter(|(_, _, r)| r.decision != Decision::Allow)
+        .map(|(_, _, r)| reason(r))
+        .collect();
+    assert!(!refused.is_empty(), "refused while the database hung");
+    assert!(
+        refused.iter().all(|r| r == "store_unavailable"),
+        "{refused:?}"
+    );
+    assert!(
+        admitted_after(&answers, frozen_at - Duration::from_secs(1)) > 10,
+        "admitted before the freeze"
+    );
+    let late = admitted_after(&answers, thawed_at + Duration::from_secs(4));
+    assert!(
+        late > 10,
+        "admitting again after the thaw: {late}\n{}",
+        d.log()
+    );
+    assert_holds_exactly_the_acknowledged(&pg, &answers);
+}
+
 pub fn tests() -> Vec<Case> {
     vec![
         trial!(async(2) the_oversell_race_admits_exactly_the_free_seats_for_every_limit, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
@@ -970,6 +1036,7 @@ pub fn tests() -> Vec<Case> {
         trial!(async(2) a_version_1_schema_is_migrated_and_keeps_its_sessions, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) every_admission_is_flushed_to_disk_before_it_is_answered, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_role_that_cannot_wait_for_the_flush_is_refused_at_start, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
+        trial!(async(2) a_hung_database_never_holds_a_connect_beyond_the_hooks_timeout, needs: [NEEDS[0], NEEDS[1], NEEDS[2]]),
         trial!(async(2) a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowledged, needs: [NEEDS[0], NEEDS[1], NEEDS[2], Need::Tool("pg_basebackup", "postgresql")]),
     ]
 }

@@ -187,6 +187,45 @@ impl Postgres {
         );
     }
 
+    /// The server's processes: the postmaster (from `postmaster.pid`) and its children.
+    fn processes(&self) -> Vec<nix::unistd::Pid> {
+        let pid_file = std::fs::read_to_string(self.path("data/postmaster.pid")).unwrap();
+        let main: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let mut pids = vec![nix::unistd::Pid::from_raw(main)];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(main) {
+                pids.push(nix::unistd::Pid::from_raw(pid));
+            }
+        }
+        pids
+    }
+
+    /// Freezes the whole server (SIGSTOP to the postmaster and every backend): connections
+    /// stay open and connection attempts are taken by the kernel, but nothing answers.
+    pub fn freeze(&self) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen server go on.
+    pub fn thaw(&self) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -328,6 +367,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if self.path("data/postmaster.pid").exists() {
+            self.thaw();
+        }
         let _ = Command::new("setpriv")
             .arg(format!("--reuid={}", self.uid))
             .arg(format!("--regid={}", self.gid))
