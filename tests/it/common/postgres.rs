@@ -188,9 +188,14 @@ impl Postgres {
     }
 
     /// The server's processes: the postmaster (from `postmaster.pid`) and its children.
+    /// None when the server is not running.
     fn processes(&self) -> Vec<nix::unistd::Pid> {
-        let pid_file = std::fs::read_to_string(self.path("data/postmaster.pid")).unwrap();
-        let main: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let Some(main) = std::fs::read_to_string(self.path("data/postmaster.pid"))
+            .ok()
+            .and_then(|f| f.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
         let mut pids = vec![nix::unistd::Pid::from_raw(main)];
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -367,9 +372,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if self.path("data/postmaster.pid").exists() {
-            self.thaw();
-        }
+        self.thaw();
         let _ = Command::new("setpriv")
             .arg(format!("--reuid={}", self.uid))
             .arg(format!("--regid={}", self.gid))
