@@ -188,7 +188,7 @@ impl Postgres {
     }
 
     /// The server's processes: the postmaster (from `postmaster.pid`) and its children.
-    /// None when the server is not running.
+    /// Empty when the server is not running.
     fn processes(&self) -> Vec<nix::unistd::Pid> {
         let Some(main) = std::fs::read_to_string(self.path("data/postmaster.pid"))
             .ok()
