@@ -111,6 +111,40 @@ fn paced_storm(
     })
 }
 
+/// The node config of the storm tests: seats and a pool large enough for the whole storm (a /24
+/// runs out after 253 sessions), no per-user limit.
+fn storm_setup() -> Setup {
+    Setup {
+        max_sessions: 100_000,
+        per_user: 0,
+        pool: "10.213.0.0/16".into(),
+        ..Setup::default()
+    }
+}
+
+/// Stops the paced storms and gathers their answers.
+async fn stop_storms(
+    stop: &std::sync::atomic::AtomicBool,
+    storms: Vec<tokio::task::JoinHandle<Answers>>,
+) -> Answers {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Answers::new();
+    for s in storms {
+        answers.extend(s.await.unwrap());
+    }
+    answers
+}
+
+/// No connect took as long as the hook waits (2 s).
+fn assert_answered_within_the_hooks_timeout(answers: &Answers, d: &Daemon) {
+    let slowest = answers.iter().map(|(_, took, _)| *took).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a connect took {slowest:?} (the hook gives up after 2 s)\n{}",
+        d.log()
+    );
+}
+
 /// Connects sent after `t` and admitted.
 fn admitted_after(answers: &Answers, t: Instant) -> usize {
     answers
@@ -463,13 +497,7 @@ async fn postgres_stopped_and_started_during_a_storm() {
     let devices: Vec<Dev> = (0..2)
         .map(|i| Dev::good(&format!("D-{i}"), "alice"))
         .collect();
-    // A pool large enough for the whole storm (a /24 runs out after 253 sessions).
-    let setup = Setup {
-        max_sessions: 100_000,
-        per_user: 0,
-        pool: "10.213.0.0/16".into(),
-        ..Setup::default()
-    };
+    let setup = storm_setup();
     let fixtures: Vec<Fixture> = ["gwa", "gwb"]
         .iter()
         .map(|n| node(&pg, "pforte", n, 60, setup.clone(), &devices))
@@ -494,17 +522,9 @@ async fn postgres_stopped_and_started_during_a_storm() {
     tokio::task::block_in_place(|| pg_ref.start_server());
     let started_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut answers = Vec::new();
-    for s in storms {
-        answers.extend(s.await.unwrap());
-    }
+    let answers = stop_storms(&stop, storms).await;
     assert_eq!(healthy_while_down, vec![Some(0.0), Some(0.0)]);
-    let slowest = answers.iter().map(|(_, took, _)| *took).max().unwrap();
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a connect took {slowest:?}"
-    );
+    assert_answered_within_the_hooks_timeout(&answers, &nodes[0]);
     let refused: Vec<&ConnectResponse> = answers
         .iter()
         .map(|(_, _, r)| r)
@@ -896,12 +916,7 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
     );
     assert_eq!(sync, "sync", "the standby streams synchronously");
     let dev = Dev::good("D-0", "alice");
-    let setup = Setup {
-        max_sessions: 100_000,
-        per_user: 0,
-        pool: "10.213.0.0/16".into(),
-        ..Setup::default()
-    };
+    let setup = storm_setup();
     let mut f = node(
         &primary,
         "pforte",
@@ -919,7 +934,7 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
     ));
     let d = f.start();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = paced_storm(&d, &dev, "k", &stop);
+    let storms = vec![paced_storm(&d, &dev, "k", &stop)];
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let crashed_at = Instant::now();
     tokio::task::block_in_place(|| {
@@ -928,8 +943,7 @@ async fn a_failover_to_a_promoted_standby_is_followed_and_loses_nothing_acknowle
     });
     let promoted_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let answers = storm.await.unwrap();
+    let answers = stop_storms(&stop, storms).await;
     let before_crash = answers
         .iter()
         .filter(|(at, took, r)| *at + *took < crashed_at && r.decision == Decision::Allow)
@@ -968,12 +982,7 @@ async fn a_hung_database_never_holds_a_connect_beyond_the_hooks_timeout() {
     let devices: Vec<Dev> = (0..4)
         .map(|i| Dev::good(&format!("D-{i}"), "alice"))
         .collect();
-    let setup = Setup {
-        max_sessions: 100_000,
-        per_user: 0,
-        pool: "10.213.0.0/16".into(),
-        ..Setup::default()
-    };
+    let setup = storm_setup();
     let f = node(&pg, "pforte", "gwa", 60, setup, &devices);
     let d = f.start();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -990,17 +999,8 @@ async fn a_hung_database_never_holds_a_connect_beyond_the_hooks_timeout() {
     pg.thaw();
     let thawed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut answers = Answers::new();
-    for s in storms {
-        answers.extend(s.await.unwrap());
-    }
-    let slowest = answers.iter().map(|(_, took, _)| *took).max().unwrap();
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a connect took {slowest:?} (the hook gives up after 2 s)\n{}",
-        d.log()
-    );
+    let answers = stop_storms(&stop, storms).await;
+    assert_answered_within_the_hooks_timeout(&answers, &d);
     let refused: Vec<String> = answers
         .iter()
         .filter(|(_, _, r)| r.decision != Decision::Allow)
