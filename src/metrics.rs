@@ -192,68 +192,84 @@ fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounte
     Ok(m)
 }
 
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<Histogram> {
+    let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let m = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new();
         let build = gauge_vec(&r, "pforte_build_info", "Build information.", &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let decision_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "pforte_decision_duration_seconds",
-                "Time from a connect request's arrival to its decision.",
-            )
-            .buckets(vec![
+        let decision_duration = histogram(
+            &r,
+            "pforte_decision_duration_seconds",
+            "Time from a connect request's arrival to its decision.",
+            &[
                 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                 0.25, 0.5, 1.0,
-            ]),
+            ],
         )?;
-        r.register(Box::new(decision_duration.clone()))?;
-        let store_commit_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "pforte_store_commit_duration_seconds",
-                "Time one session store commit (a transaction of one or many changes) takes.",
-            )
-            .buckets(vec![
+        let store_commit_duration = histogram(
+            &r,
+            "pforte_store_commit_duration_seconds",
+            "Time one session store commit (a transaction of one or many changes) takes.",
+            &[
                 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0,
-            ]),
+            ],
         )?;
-        r.register(Box::new(store_commit_duration.clone()))?;
-        let session_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "pforte_session_duration_seconds",
-                "Duration of ended sessions.",
-            )
-            .buckets(vec![
+        let session_duration = histogram_vec(
+            &r,
+            "pforte_session_duration_seconds",
+            "Duration of ended sessions.",
+            &[
                 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0, 86400.0,
-            ]),
+            ],
             &["zone"],
         )?;
-        r.register(Box::new(session_duration.clone()))?;
-        let radius_upstream_rtt = HistogramVec::new(
-            HistogramOpts::new(
-                "pforte_radius_upstream_rtt_seconds",
-                "Round-trip time of Access-Requests proxied to an upstream credential server.",
-            )
-            .buckets(vec![
+        let radius_upstream_rtt = histogram_vec(
+            &r,
+            "pforte_radius_upstream_rtt_seconds",
+            "Round-trip time of Access-Requests proxied to an upstream credential server.",
+            &[
                 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 2.5, 5.0,
-            ]),
+            ],
             &["upstream"],
         )?;
-        r.register(Box::new(radius_upstream_rtt.clone()))?;
-        let strongswan_enforcement = HistogramVec::new(
-            HistogramOpts::new(
-                "pforte_strongswan_enforcement_seconds",
-                "strongSwan: from a refused IKE_SA's ike-updown event to charon's answer to its terminate.",
-            )
-            .buckets(vec![
+        let strongswan_enforcement = histogram_vec(
+            &r,
+            "pforte_strongswan_enforcement_seconds",
+            "strongSwan: from a refused IKE_SA's ike-updown event to charon's answer to its terminate.",
+            &[
                 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
+            ],
             &["vpn_instance"],
         )?;
-        r.register(Box::new(strongswan_enforcement.clone()))?;
         Ok(Metrics {
             strongswan_enforcement,
             vpn_control_connected: gauge_vec(
